@@ -1,0 +1,191 @@
+"""
+Prompt adherence on the shapes set, scored exactly as "Scoring" in
+../shared/SHAPES.md says (a small GenEval): does each object of the caption
+appear with its colour, shape, size and place?
+
+    python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
+    python eval.py --out_dir=out --n=200     # sample the evaluation prompts from out/ckpt.pt, then score
+"""
+import json
+import os
+import re
+import sys
+from collections import deque
+
+import numpy as np
+from PIL import Image
+
+import data
+
+samples_dir = ''  # score the image/caption pairs in this folder
+out_dir = ''  # or sample from the checkpoint in this folder, then score
+n = 200  # number of evaluation prompts when sampling (data.eval_prompts: 40% one, 40% two, 20% held-out)
+seed = 0
+# sampling settings when --out_dir is given (see sample.py)
+num_steps = 50
+cfg_scale = 4.0
+sg_scale = 1.0
+use_ema = True
+batch_size = 100
+device = ''  # default: cuda if available, else cpu
+dtype = ''   # default: bfloat16 on cuda, else float32
+
+# A pixel further than this (Euclidean RGB) from the background and all six colours is an
+# edge, ignored. 60 is about half the smallest gap between palette entries (117.6, gray to
+# purple), so a pixel within it is unambiguous, and well below the closest that an
+# anti-aliased edge (a blend of background and one colour) comes to a third colour (95.5),
+# so edges are never read as another colour.
+_FAR = 60.0
+_RELATIONS = {'to the left of': 'left', 'to the right of': 'right', 'above': 'above', 'below': 'below'}
+_OBJECT = rf"a ({'|'.join(data.SIZES)}) ({'|'.join(data.COLORS)}) ({'|'.join(data.SHAPES)})"
+_BACKGROUND = rf" on a ({'|'.join(data.BACKGROUNDS)}) background"
+_ONE = re.compile(rf"{_OBJECT} ({'|'.join(data.WHERE)}){_BACKGROUND}")
+_TWO = re.compile(rf"{_OBJECT} ({'|'.join(_RELATIONS)}) {_OBJECT}{_BACKGROUND}")
+
+
+def parse_caption(caption):
+    """{'background', 'objects': [{'size', 'color', 'shape'}, ...], and 'cell' (one object) or 'relation' (two)}."""
+    text = ' '.join(caption.lower().split()).rstrip('.')  # forgive case, spacing and a full stop in hand-written prompts
+    if m := _ONE.fullmatch(text):
+        size, color, shape, where, background = m.groups()
+        return {'background': background, 'objects': [dict(size=size, color=color, shape=shape)],
+                'cell': data.WHERE.index(where)}
+    if m := _TWO.fullmatch(text):
+        g = m.groups()
+        if g[1] == g[5]:
+            raise ValueError(f'caption {caption!r}: two objects of one colour cannot be told apart by colour')
+        return {'background': g[7], 'objects': [dict(size=g[0], color=g[1], shape=g[2]),
+                                                dict(size=g[4], color=g[5], shape=g[6])],
+                'relation': _RELATIONS[g[3]]}
+    raise ValueError(f'caption {caption!r} is not in the shapes grammar (SHAPES.md)')
+
+
+def caption_group(caption):
+    """'held_out' if an object is a held-out (colour, shape) pair, else 'one' or 'two' by count."""
+    objects = parse_caption(caption)['objects']
+    if any((o['color'], o['shape']) in data.HELD_OUT for o in objects):
+        return 'held_out'
+    return ('one', 'two')[len(objects) - 1]
+
+
+def largest_region(mask):
+    """The largest 4-connected region of a boolean mask, as a list of (y, x)."""
+    rows, (H, W) = mask.tolist(), mask.shape  # lists: per-pixel reads of numpy arrays are slow
+    seen = [[False] * W for _ in range(H)]
+    best = []
+    for y0, x0 in np.argwhere(mask).tolist():
+        if seen[y0][x0]:
+            continue
+        seen[y0][x0] = True
+        region, todo = [], deque([(y0, x0)])
+        while todo:
+            y, x = todo.popleft()
+            region.append((y, x))
+            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= v < H and 0 <= u < W and rows[v][u] and not seen[v][u]:
+                    seen[v][u] = True
+                    todo.append((v, u))
+        if len(region) > len(best):
+            best = region
+    return best
+
+
+def fitted_shape(region):
+    """The shape whose ideal mask, fitted to the region's bounding box, has the highest IoU with it."""
+    h, w = region.shape
+    y = (np.arange(h)[:, None] + 0.5) / h  # 0 at the top edge, 1 at the bottom
+    x = (np.arange(w)[None, :] + 0.5) / w * 2 - 1  # -1 at the left edge, 1 at the right
+    masks = {'circle': x ** 2 + (2 * y - 1) ** 2 <= 1,  # the inscribed ellipse
+             'square': np.ones((h, w), bool),  # the full box
+             'triangle': np.abs(x) <= y}  # apex up, base at the bottom
+    iou = {s: (region & m).sum() / (region | m).sum() for s, m in masks.items()}
+    return max(iou, key=iou.get)
+
+
+def score_image(img, caption):
+    """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every
+    object of the caption) and 'correct' (all four)."""
+    p = parse_caption(caption)
+    R = img.shape[0]
+    assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
+    palette = np.array([data.BACKGROUNDS[p['background']], *data.COLORS.values()], np.float32)
+    dist = np.linalg.norm(img[:, :, None, :].astype(np.float32) - palette, axis=-1)
+    label = np.where(dist.min(-1) <= _FAR, dist.argmin(-1), -1)  # 0 background, 1.. the colours, -1 ignored
+    checks = dict(color=True, shape=True, size=True, position=True)
+    centroids = []
+    for o in p['objects']:
+        region = largest_region(label == 1 + list(data.COLORS).index(o['color']))
+        side = data.SIZES[o['size']] * R
+        expected_area = side ** 2 * {'circle': np.pi / 4, 'square': 1.0, 'triangle': 0.5}[o['shape']]
+        if len(region) < 0.25 * expected_area:
+            # not found: its shape, size and place fail too (a speck must not pass for the object)
+            checks = dict.fromkeys(checks, False)
+            centroids.append(None)
+            continue
+        ys, xs = np.array(region).T
+        y0, x0 = ys.min(), xs.min()
+        mask = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), bool)
+        mask[ys - y0, xs - x0] = True
+        checks['shape'] &= fitted_shape(mask) == o['shape']
+        mean_side = sum(mask.shape) / 2
+        small, large = data.SIZES['small'] * R, data.SIZES['large'] * R
+        checks['size'] &= (abs(mean_side - small) < abs(mean_side - large)) == (o['size'] == 'small')
+        centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))  # pixel centres
+    if None not in centroids:
+        if 'cell' in p:
+            (cx, cy), = centroids
+            checks['position'] &= int(cy * 3 // R) * 3 + int(cx * 3 // R) == p['cell']
+        else:
+            (ax, ay), (bx, by) = centroids
+            checks['position'] &= {'left': ax < bx, 'right': ax > bx, 'above': ay < by, 'below': ay > by}[p['relation']]
+    checks = {k: bool(v) for k, v in checks.items()}
+    return {**checks, 'correct': all(checks.values())}
+
+
+def score(images, captions, groups):
+    """Rates of correct images and of each check, per group ('one', 'two', 'held_out') and for 'all'."""
+    results = [(g, score_image(img, c)) for img, c, g in zip(images, captions, groups, strict=True)]
+    report = {}
+    for group in ('one', 'two', 'held_out', 'all'):
+        rs = [r for g, r in results if group in (g, 'all')]
+        report[group] = {'n': len(rs), **{k: sum(r[k] for r in rs) / len(rs) if rs else None
+                                           for k in ('correct', 'color', 'shape', 'size', 'position')}}
+    return report
+
+
+def load_dir(samples_dir):
+    """(images, captions) from the 00000.png + 00000.txt pairs of a folder, in order (grid.png and the like are skipped)."""
+    stems = sorted((f[:-4] for f in os.listdir(samples_dir) if f.endswith('.png') and f[:-4].isdigit()), key=int)
+    images = [np.asarray(Image.open(os.path.join(samples_dir, s + '.png')).convert('RGB')) for s in stems]
+    captions = [open(os.path.join(samples_dir, s + '.txt')).read().strip() for s in stems]
+    return images, captions
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    if samples_dir:
+        images, captions = load_dir(samples_dir)
+        if not images:
+            sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
+        report = score(images, captions, [caption_group(c) for c in captions])
+    elif out_dir:
+        import torch
+        from sample import load_model, sample_to_dir
+        device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
+        torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
+        model, encode, cfg = load_model(out_dir, device, use_ema)
+        prompts = data.eval_prompts(n)
+        eval_dir = os.path.join(out_dir, 'eval')
+        sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
+                      sg_scale, batch_size, seed, device, dtype)
+        images, captions = load_dir(eval_dir)
+        report = score(images, captions, [g for _, g in prompts])
+        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+            json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
+                                        use_ema=use_ema, seed=seed), **report}, f, indent=2)
+    else:
+        sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
+                 'or --out_dir=DIR (a checkpoint to sample from)')
+    print(json.dumps(report, indent=2))

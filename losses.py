@@ -1,0 +1,140 @@
+"""
+Losses: the flow-matching objective with x-prediction, perceptual losses and REPA.
+
+Time convention (JiT): z_t = t * x + (1 - t) * noise, t in [0, 1], t = 1 is the clean image.
+The network predicts x; the loss is on velocity v = (x - z_t) / (1 - t).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def shift_t(t, shift):
+    """SD3's resolution shift toward noise, written on the noise level s = 1 - t: s -> shift*s / (1 + (shift-1)*s)."""
+    s = 1 - t
+    return 1 - shift * s / (1 + (shift - 1) * s)
+
+
+def sample_t(n, gen, device, mean, std, shift, uniform):
+    """Logit-normal t (JiT: mean -0.8, std 0.8; the speedrun: mean 0, std 1, shift 3), then a `uniform` fraction
+    drawn uniformly instead so that no noise level is starved."""
+    t = shift_t(torch.sigmoid(torch.randn(n, generator=gen, device=device) * std + mean), shift)
+    if uniform > 0:
+        u = torch.rand(n, generator=gen, device=device)
+        t = torch.where(torch.rand(n, generator=gen, device=device) < uniform, u, t)
+    return t
+
+
+def drop_captions(captions, p, gen):
+    """Classifier-free guidance training: a fraction p of captions become the empty caption (10% in the speedrun)."""
+    drop = torch.rand(len(captions), generator=gen, device=gen.device) < p
+    return ['' if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def velocity_loss(x_pred, x, z, t, clip=0.05):
+    # JiT: clip 1 - t at 0.05 in the division, so the nearly clean end does not blow the loss up
+    d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
+    return F.mse_loss((x_pred.float() - z) / d, (x - z) / d)
+
+
+def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net=None, repa_teacher=None):
+    """One training loss on clean images x in [-1, 1]. cfg: the train config dict. gen: the torch.Generator that
+    draws t and the noise (seeded per micro-batch, so any split over processes sees the same draws).
+    Returns (total loss, dict of the detached parts)."""
+    B = x.shape[0]
+    t = sample_t(B, gen, x.device, cfg['t_mean'], cfg['t_std'], cfg['t_shift'], cfg['t_uniform'])
+    # JiT: noise std grows with resolution (res / 256) so big images are not too easy to denoise
+    noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg['noise_scale']
+    tb = t.view(-1, 1, 1, 1)
+    z = tb * x + (1 - tb) * noise
+    x_pred, repa = model(z, t, text, text_mask)
+    loss = velocity_loss(x_pred, x, z, t)
+    parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
+    # perceptual losses compare the predicted clean image with the clean image, at every noise level
+    if cfg['lpips_weight'] > 0:
+        l = lpips_loss(lpips_net, x_pred, x)
+        loss, parts['lpips'] = loss + cfg['lpips_weight'] * l, l.detach()
+    if cfg['dino_weight'] > 0:
+        l = dino_loss(dino_net, x_pred, x)
+        loss, parts['dino'] = loss + cfg['dino_weight'] * l, l.detach()
+    if cfg['repa_weight'] > 0:
+        l = repa_loss(repa_teacher, repa, x, cfg['patch_size'])
+        loss, parts['repa'] = loss + cfg['repa_weight'] * l, l.detach()
+    parts['loss'] = loss.detach()
+    return loss, parts
+
+
+# ---- perceptual losses and REPA ----
+# timm and lpips are imported inside the loaders: a run with these losses off never needs them.
+
+def _imagenet(x):
+    """[-1, 1] images -> ImageNet mean/std normalisation, which DINOv2 and DINOv3 were trained with."""
+    mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((x + 1) / 2 - mean) / std
+
+
+def _patch_tokens(net, x, size):
+    """A timm ViT's patch features (B, h*w, D) of x in [-1, 1] resized to size, CLS and register tokens dropped."""
+    x = F.interpolate(x, size=size, mode='bilinear', antialias=True)
+    return net.forward_features(_imagenet(x))[:, net.num_prefix_tokens:]
+
+
+def _frozen(net):
+    return net.requires_grad_(False).eval()
+
+
+def load_lpips(pretrained=True):
+    """LPIPS with the VGG trunk. Its linear layers ship inside the lpips package; pretrained=False only skips the
+    trunk's ImageNet weights (torchvision downloads those), which tests use to stay offline."""
+    import lpips
+    return _frozen(lpips.LPIPS(net='vgg', pnet_rand=not pretrained, verbose=False))
+
+
+def lpips_loss(net, pred, target):
+    # speedrun: LPIPS on both images downscaled 0.5x, here by an exact 2x2 average; inputs stay in [-1, 1]
+    return net(F.avg_pool2d(pred, 2), F.avg_pool2d(target.detach(), 2)).mean()
+
+
+def load_dino(name='vit_base_patch14_reg4_dinov2', pretrained=True, **kwargs):
+    """The DINOv2 perceptual net. timm builds DINOv2 at 518px; img_size=224 resamples its position embedding to
+    the 224px the speedrun feeds it. kwargs reach timm.create_model (tests pass tiny dims)."""
+    import timm
+    kwargs.setdefault('img_size', 224)
+    return _frozen(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
+
+
+def dino_loss(net, pred, target):
+    # speedrun: both images resized to 224, loss = mean over patch tokens of (1 - cosine)
+    with torch.no_grad():
+        ft = _patch_tokens(net, target, (224, 224))
+    fp = _patch_tokens(net, pred, (224, 224))
+    return (1 - F.cosine_similarity(fp.float(), ft.float(), dim=-1)).mean()
+
+
+def load_repa_teacher(name='vit_large_patch16_dinov3', pretrained=True, **kwargs):
+    """The REPA teacher, any timm ViT. dynamic_img_size=True because its input size follows the training
+    resolution (256px at 512px with patch 32); timm's DINOv3 already defaults to it, DINOv2 does not."""
+    import timm
+    kwargs.setdefault('dynamic_img_size', True)
+    return _frozen(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
+
+
+def repa_loss(teacher, repa, x, patch_size):
+    """REPA (Yu et al. 2024): -mean cosine between the model's projected tokens and the teacher's patch features
+    of the clean image x. repa = (proj (B, n, D), keep): keep is None (all h*w tokens, raster order) or the (B, n)
+    raster indices of the tokens TREAD kept, where the teacher's features are gathered."""
+    proj, keep = repa
+    H, W = x.shape[-2:]
+    h, w = H // patch_size, W // patch_size
+    tp = teacher.patch_embed.patch_size[0]
+    # resize so the teacher's patch grid is the model's token grid (speedrun: 16/32 = 0.5x)
+    with torch.no_grad():
+        feats = _patch_tokens(teacher, x, (h * tp, w * tp))
+    if feats.shape[1] != h * w:
+        raise ValueError(f'REPA teacher gave {feats.shape[1]} patch tokens for a {h}x{w} model token grid')
+    if keep is not None:
+        feats = feats.gather(1, keep.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+    if proj.shape != feats.shape:
+        raise ValueError(f'REPA projected tokens {tuple(proj.shape)} do not match teacher features {tuple(feats.shape)}')
+    return -F.cosine_similarity(proj.float(), feats.float(), dim=-1).mean()

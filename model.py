@@ -1,0 +1,188 @@
+"""
+The denoiser: a pixel-space diffusion transformer that predicts the clean image (x-prediction).
+
+    pixels -> patches -> bottleneck -> hidden tokens
+    blocks: image queries attend to [text; image] keys/values, 2D RoPE on image q/k,
+            RMSNorm on q and k, adaLN-zero from the timestep, gated (SwiGLU) MLP
+    head:   adaLN shift/scale, zero-initialised linear to patch pixels, folded back to an image
+
+Positions enter only through RoPE, so any square resolution that is a multiple of the
+patch size runs with the same weights (the speedrun goes 512px -> 1024px without resizing).
+TREAD routing and the REPA tap are the two marked spots in DiT.forward.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import ByteTextEncoder
+
+
+@dataclass
+class DiTConfig:
+    patch_size: int = 8
+    bottleneck: int = 64        # JiT: a low-rank patch embedding (patch -> bottleneck -> hidden) keeps big patches cheap
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0      # SwiGLU hidden = mlp_ratio * 2/3 * n_embd, the usual parameter match
+    text_encoder: str = 'bytes'  # 'bytes': a small trainable byte transformer inside the model; else frozen states come in
+    text_dim: int = 128         # width of the text states that enter the model
+    text_len: int = 96          # byte tokens (bytes encoder only)
+    text_layers: int = 2        # byte transformer depth (bytes encoder only)
+    route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
+    route_start: int = 2        # first routed block (0-indexed)
+    route_end: int = -1         # routed blocks are blocks[route_start:route_end]: default to the penultimate block
+    repa_block: int = 8         # REPA taps the image tokens after this many blocks
+    repa_dim: int = 0           # teacher feature width; 0 = REPA off (no projector is built)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, affine=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def rope_2d(h, w, head_dim, device, base=100.0):
+    """cos/sin tables (h*w, head_dim) for 2D RoPE: half of each head rotates with the row, half with the column.
+    base 100 rather than 10000: token grids here are 8 to 32 wide, so slow frequencies would never turn."""
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
+    angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim/2)
+    angles = torch.cat([angles, angles], dim=1)                                         # (N, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, self.n_head = cfg.n_embd, cfg.n_head
+        hidden = int(cfg.mlp_ratio * d * 2 / 3)
+        self.norm1 = RMSNorm(d, affine=False)
+        self.norm2 = RMSNorm(d, affine=False)
+        self.text_norm = RMSNorm(d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.kv_text = nn.Linear(d, 2 * d)   # text K/V per block; text tokens themselves are never updated
+        self.q_norm = RMSNorm(d // cfg.n_head)
+        self.k_norm = RMSNorm(d // cfg.n_head)
+        self.proj = nn.Linear(d, d)
+        self.mlp_in = nn.Linear(d, 2 * hidden)
+        self.mlp_out = nn.Linear(hidden, d)
+        self.ada = nn.Linear(d, 6 * d)       # adaLN-zero (DiT): zero init makes every block start as the identity
+
+    def forward(self, x, c, txt, attn_mask, cos, sin):
+        B, N, D = x.shape
+        H = self.n_head
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q = self.q(h).view(B, N, H, -1).transpose(1, 2)
+        k, v = self.kv(h).view(B, N, 2, H, -1).permute(2, 0, 3, 1, 4)
+        kt, vt = self.kv_text(self.text_norm(txt)).view(B, txt.shape[1], 2, H, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        k = torch.cat([self.k_norm(kt), k], dim=2)
+        v = torch.cat([vt, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + gate1[:, None] * self.proj(y.transpose(1, 2).reshape(B, N, D))
+        a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)
+        return x + gate2[:, None] * self.mlp_out(F.silu(g) * a)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.n_embd, cfg.patch_size
+        assert d % cfg.n_head == 0 and (d // cfg.n_head) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
+        self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False), nn.Linear(cfg.bottleneck, d))
+        self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers) if cfg.text_encoder == 'bytes' else None
+        self.text_proj = nn.Linear(cfg.text_dim, d)   # the one linear from the text encoder into the model
+        self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm_out = RMSNorm(d, affine=False)
+        self.ada_out = nn.Linear(d, 2 * d)
+        self.head = nn.Linear(d, p * p * 3)
+        # REPA (Yu et al. 2024): projector hidden -> 2048 -> 2048 -> teacher dim, SiLU between
+        self.repa_proj = nn.Sequential(nn.Linear(d, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
+                                       nn.Linear(2048, cfg.repa_dim)) if cfg.repa_dim else None
+        n = cfg.n_layer
+        self.route = range(cfg.route_start % n if cfg.route_start < 0 else cfg.route_start,
+                           cfg.route_end % n if cfg.route_end < 0 else cfg.route_end)
+        assert cfg.route_ratio == 0 or len(self.route) > 0, f'empty TREAD route blocks[{cfg.route_start}:{cfg.route_end}]'
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        for m in [b.ada for b in self.blocks] + [self.ada_out, self.head]:  # adaLN-zero and the zero head
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, z, t, text, text_mask, route=None):
+        """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
+        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
+        route: TREAD on/off (default: on in training). Returns (x_pred, repa) where repa is None or
+        (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
+        B, _, H, W = z.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
+        h, w = H // p, W // p
+        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2))                 # (B, N, D)
+        txt = self.text_proj(self.text_encoder(text, text_mask) if self.text_encoder is not None else text)
+        c = self.t_embed(timestep_embedding(t * 1000, 256))
+        cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
+        cos, sin = cos_all, sin_all
+        mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], dim=1)[:, None, None]
+        route = (self.training if route is None else route) and self.cfg.route_ratio > 0
+        keep, repa = None, None
+        for i, block in enumerate(self.blocks):
+            if route and i == self.route.start:
+                # TREAD (Krause et al. 2025): per sample, a random subset of tokens skips the route unchanged;
+                # the kept ones carry their own RoPE positions through it
+                n_keep = max(1, round(x.shape[1] * (1 - self.cfg.route_ratio)))
+                keep = torch.rand(B, x.shape[1], device=x.device).argsort(dim=1)[:, :n_keep]
+                x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
+                cos, sin = cos_all[keep][:, None], sin_all[keep][:, None]               # (B, 1, n_keep, hd)
+                mask = torch.cat([text_mask, text_mask.new_ones(B, n_keep)], dim=1)[:, None, None]
+            x = block(x, c, txt, mask, cos, sin)
+            if route and i == self.route.stop - 1:
+                # TREAD: put the routed tokens back in their places; skipped ones come through untouched
+                x = x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
+                cos, sin, keep = cos_all, sin_all, None
+                mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], dim=1)[:, None, None]
+            if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
+                repa = (self.repa_proj(x), keep)   # REPA: inside the route these are the kept tokens only
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
+        x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
+        return F.fold(x.transpose(1, 2), (H, W), p, stride=p), repa
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs
+    return torch.cat([args.cos(), args.sin()], dim=1)

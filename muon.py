@@ -1,0 +1,119 @@
+"""
+Muon: MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024,
+https://kellerjordan.github.io/posts/muon/), for the 2D weight matrices of the
+blocks. Everything else (embeddings, head, norms, biases) belongs to Adam.
+
+Per matrix and step:
+  buf    = lerp(buf, grad, 1 - momentum)             EMA of the gradient
+  update = lerp(grad, buf, momentum) if nesterov      else buf
+  O      = NewtonSchulz5(update)                      ~ U V^T of update = U S V^T
+  p      = p * (1 - lr * weight_decay)                decoupled weight decay
+  p      = p - lr * scale * O
+Orthogonalising the update equalises its singular values, so rare directions get
+as much step as dominant ones. scale is 0.2 * sqrt(max(rows, cols)) by default,
+which gives the update the RMS (~0.2) of an AdamW update, so Muon can reuse an
+AdamW learning rate (Moonlight: "Muon is Scalable for LLM Training", Liu et al.
+2025, arXiv:2502.16982); 'original' is Jordan's sqrt(max(1, rows/cols)).
+The step matches torch.optim.Muon(..., adjust_lr_fn="match_rms_adamw") to
+bfloat16 precision (tests/test_muon.py checks it).
+
+The speedrun (RECIPE.md): lr 1e-4, momentum 0.95, nesterov, 5 Newton-Schulz steps.
+
+Distributed: with torch.distributed initialised, each rank orthogonalises one
+matrix in every world_size (index i % world_size == rank) and an all_gather
+gives every rank all results, so Newton-Schulz work is split world_size ways
+while every rank ends with the same parameters. Gradients must already be
+identical on every rank (DDP all-reduces them), so each rank keeps all momentum
+buffers and the state dict is an ordinary Optimizer one.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
+    # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
+    # maximise the slope at 0, so 5 steps push all singular values into roughly
+    # [0.7, 1.2] rather than exactly 1, which does not hurt training.
+    assert G.ndim == 2, f"Newton-Schulz needs a 2D matrix, got shape {tuple(G.shape)}"
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()  # bfloat16 is stable enough here and twice as fast (Jordan 2024)
+    tall = G.size(0) > G.size(1)
+    if tall:
+        X = X.T  # iterate on the smaller Gram matrix X X^T
+    X = X / (X.norm() + eps)  # Frobenius norm >= spectral norm, so all singular values <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        # addmm rounds to bfloat16 once, not after each product and sum: ~3x closer to float64
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X
+    if tall:
+        X = X.T
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
+                 weight_decay=0.0, adjust_lr='match_rms_adamw'):
+        if adjust_lr not in ('match_rms_adamw', 'original'):
+            raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, adjust_lr=adjust_lr)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]['params']:
+            if p.ndim != 2:
+                raise ValueError(f"Muon only takes 2D matrices, got a parameter of shape {tuple(p.shape)}; "
+                                 "give it to Adam instead")
+
+    @staticmethod
+    def lr_scale(shape, adjust_lr):
+        rows, cols = shape
+        if adjust_lr == 'match_rms_adamw':
+            return 0.2 * math.sqrt(max(rows, cols))  # Moonlight: RMS of AdamW's update
+        return math.sqrt(max(1, rows / cols))  # Jordan 2024: only tall matrices get more
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            lr, momentum, wd = group['lr'], group['momentum'], group['weight_decay']
+            # same list on every rank, since DDP gives every rank the same grads
+            params = [p for p in group['params'] if p.grad is not None]
+            for base in range(0, len(params), world):
+                chunk = params[base:base + world]  # chunk[r] is rank r's to orthogonalise
+                for p in chunk:
+                    state = self.state[p]
+                    if 'momentum_buffer' not in state:
+                        state['momentum_buffer'] = torch.zeros_like(p.grad)
+                    state['momentum_buffer'].lerp_(p.grad, 1 - momentum)
+                mine = None
+                if rank < len(chunk):
+                    g, buf = chunk[rank].grad, self.state[chunk[rank]]['momentum_buffer']
+                    update = g.lerp(buf, momentum) if group['nesterov'] else buf
+                    mine = zeropower_via_newtonschulz5(update, group['ns_steps'])
+                if distributed:
+                    # all_gather needs equal sizes: pad every flat update to the chunk's largest
+                    n = max(p.numel() for p in chunk)
+                    flat = torch.zeros(n, dtype=torch.bfloat16, device=chunk[0].device)
+                    if mine is not None:
+                        flat[:mine.numel()] = mine.flatten()
+                    gathered = [torch.empty_like(flat) for _ in range(world)]
+                    dist.all_gather(gathered, flat)
+                    orthos = [o[:p.numel()].view(p.shape) for o, p in zip(gathered, chunk)]
+                else:
+                    orthos = [mine]
+                for p, o in zip(chunk, orthos):
+                    p.mul_(1 - lr * wd)  # decoupled, with the unscaled lr as torch.optim.Muon
+                    p.add_(o, alpha=-lr * self.lr_scale(p.shape, group['adjust_lr']))
+        return loss

@@ -1,0 +1,140 @@
+"""
+Sample from a trained checkpoint with Euler steps, classifier-free guidance and/or self-guidance.
+
+    python sample.py --out_dir=out --prompt="a large red circle in the center on a black background"
+    python sample.py --out_dir=out --prompts=prompts.txt --cfg_scale=4 --sg_scale=1
+
+Writes samples_dir/00000.png and 00000.txt (its caption) per prompt, in order, and grid.png.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from losses import shift_t
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'           # where ckpt.pt is
+samples_dir = ''          # default: out_dir/samples
+prompt = ''               # one caption ...
+prompts = ''              # ... or a file of captions, one a line
+image_size = 0            # 0 = the training resolution
+num_steps = 50
+cfg_scale = 4.0           # classifier-free guidance: uncond + w * (cond - uncond); 1 = off
+sg_scale = 1.0            # self-guidance: routed + w * (dense - routed), both on the prompt; 1 = off
+use_ema = True
+batch_size = 64
+seed = 0
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen, progress=False):
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift. Guidance combines, each around the dense
+    conditional prediction d:  out = d + (cfg-1)(d - uncond) + (sg-1)(d - routed).
+    With sg alone that is the speedrun's routed + w (dense - routed); with cfg alone, uncond + w (cond - uncond)."""
+    model.eval()
+    B, device = len(captions), gen.device
+    # one encode call for prompts and empty captions, so both pad to the same length and share a forward
+    text, mask = encode(list(captions) + [''] * B if cfg_scale != 1 else list(captions))
+    p = model.cfg.patch_size
+    if size % p:
+        raise ValueError(f'image_size {size} is not a multiple of the patch size {p}')
+    z = torch.randn(B, 3, size, size, generator=gen, device=device) * noise_scale
+    ts = shift_t(torch.linspace(0, 1, steps + 1, device=device), shift)
+    for i in range(steps):
+        t = ts[i].expand(B)
+        if cfg_scale != 1:
+            both = model(torch.cat([z, z]), torch.cat([t, t]), text, mask, route=False)[0].float()
+            x, x_uncond = both[:B], both[B:]
+            guided = x + (cfg_scale - 1) * (x - x_uncond)
+        else:
+            x = guided = model(z, t, text, mask, route=False)[0].float()
+        if sg_scale != 1:
+            x_routed = model(z, t, text[:B], mask[:B], route=True)[0].float()
+            guided = guided + (sg_scale - 1) * (x - x_routed)
+        v = (guided - z) / (1 - ts[i]).clamp_min(0.05)  # JiT: the same clip as in training
+        z = z + (ts[i + 1] - ts[i]) * v
+        if progress:
+            print(f'\rsampling: step {i + 1}/{steps}', end='', file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return z.clamp(-1, 1)
+
+
+def to_uint8(imgs):
+    return ((imgs.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(imgs, path):
+    u8 = to_uint8(imgs)
+    n, h, w, _ = u8.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, im in enumerate(u8):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
+    Image.fromarray(grid).save(path)
+
+
+def load_model(out_dir, device, use_ema=True):
+    """The checkpoint's model (EMA weights by default), its text encoder's encode(), and its training config."""
+    from data import load_text_encoder
+    from model import DiT, DiTConfig
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={out_dir})')
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    model = DiT(DiTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['ema' if use_ema else 'model'])
+    cfg = ckpt['config']
+    dt = torch.bfloat16 if device.startswith('cuda') else torch.float32
+    encode = load_text_encoder(cfg['text_encoder'], cfg['text_len'], device, dt)
+    return model.to(device).eval(), encode, cfg
+
+
+def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size, seed,
+                  device, dtype):
+    """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png)."""
+    os.makedirs(samples_dir, exist_ok=True)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        print(f'batch {start // batch_size + 1}/{math.ceil(len(captions) / batch_size)}', file=sys.stderr)
+        with torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32):
+            imgs = generate(model, encode, chunk, size, steps, cfg_scale, sg_scale, cfg['t_shift'],
+                            cfg['noise_scale'], gen, progress=True)
+        for i, (im, c) in enumerate(zip(to_uint8(imgs), chunk)):
+            Image.fromarray(im).save(os.path.join(samples_dir, f'{start + i:05d}.png'))
+            with open(os.path.join(samples_dir, f'{start + i:05d}.txt'), 'w') as f:
+                f.write(c + '\n')
+        out.append(imgs.cpu())
+    save_grid(torch.cat(out)[:64], os.path.join(samples_dir, 'grid.png'))
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    if bool(prompt) == bool(prompts):
+        raise SystemExit('give exactly one of --prompt="a caption" or --prompts=FILE (one caption a line)')
+    if prompts:
+        if not os.path.isfile(prompts):
+            raise SystemExit(f'--prompts={prompts}: no such file')
+        captions = [line.strip() for line in open(prompts) if line.strip()]
+        if not captions:
+            raise SystemExit(f'--prompts={prompts}: no captions in the file')
+    else:
+        captions = [prompt]
+    torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
+    model, encode, cfg = load_model(out_dir, device, use_ema)
+    samples_dir = samples_dir or os.path.join(out_dir, 'samples')
+    sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps, cfg_scale,
+                  sg_scale, batch_size, seed, device, dtype)
+    print(f'wrote {len(captions)} images to {samples_dir}')

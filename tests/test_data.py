@@ -1,0 +1,133 @@
+import random
+import re
+
+import numpy as np
+
+from data import (BACKGROUNDS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, caption, eval_prompts, render,
+                  sample_scene, shapes_example)
+
+# ---- the shapes set ----
+
+OBJECT = r'a (small|large) (red|green|blue|yellow|purple|cyan) (circle|square|triangle)'
+WHERE_RE = ('in the top left|at the top|in the top right|on the left|in the center|on the right'
+            '|in the bottom left|at the bottom|in the bottom right')
+GRAMMAR = re.compile(rf'{OBJECT} (?:(?:{WHERE_RE})|(?:to the left of|above) {OBJECT}) on a (black|gray|white) background')
+
+
+def scenes(n, split, seed=0):
+    rng = random.Random(seed)
+    return [sample_scene(rng, split) for _ in range(n)]
+
+
+def pairs(scene):
+    return {(o['color'], o['shape']) for o in scene['objects']}
+
+
+def test_constants_match_shapes_md():
+    assert BACKGROUNDS == {'black': (0, 0, 0), 'gray': (128, 128, 128), 'white': (255, 255, 255)}
+    assert COLORS == {'red': (220, 30, 30), 'green': (30, 190, 50), 'blue': (40, 70, 230),
+                      'yellow': (240, 215, 30), 'purple': (160, 50, 210), 'cyan': (30, 205, 215)}
+    assert SHAPES == ('circle', 'square', 'triangle') and SIZES == {'small': 0.16, 'large': 0.26}
+    assert HELD_OUT == {('purple', 'triangle'), ('cyan', 'circle'), ('yellow', 'square')}
+    assert len(WHERE) == 9 and WHERE[4] == 'in the center'
+
+
+def test_examples_are_deterministic_by_seed_and_index():
+    img, cap = shapes_example(1, 5, 64)
+    img2, cap2 = shapes_example(1, 5, 64)
+    assert cap == cap2 and np.array_equal(img, img2)
+    others = [shapes_example(s, i, 64) for s, i in ((1, 6), (2, 5))]
+    assert all(c != cap or not np.array_equal(im, img) for im, c in others)
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+
+
+def test_train_split_never_holds_out_pairs_and_other_splits_do():
+    assert not any(pairs(s) & HELD_OUT for s in scenes(3000, 'train'))
+    assert all(pairs(s) & HELD_OUT for s in scenes(500, 'held_out'))
+    assert any(pairs(s) & HELD_OUT for s in scenes(100, 'any'))
+
+
+def test_half_one_object_half_two_and_uniform_backgrounds():
+    ss = scenes(3000, 'train')
+    ones = sum(len(s['objects']) == 1 for s in ss)
+    assert 0.45 < ones / len(ss) < 0.55 and all(len(s['objects']) in (1, 2) for s in ss)
+    for bg in BACKGROUNDS:
+        assert 0.28 < sum(s['background'] == bg for s in ss) / len(ss) < 0.39
+
+
+def test_captions_follow_the_grammar():
+    one = {'background': 'gray', 'objects': [dict(shape='circle', color='red', size='small', cell=2)]}
+    assert caption(one) == 'a small red circle in the top right on a gray background'
+    a = dict(shape='square', color='blue', size='large', cell=3)
+    b = dict(shape='triangle', color='cyan', size='small', cell=2)
+    assert caption({'background': 'white', 'objects': [a, b]}) == \
+        'a large blue square to the left of a small cyan triangle on a white background'
+    b['cell'] = 6  # same column, below A
+    assert caption({'background': 'black', 'objects': [a, b]}) == \
+        'a large blue square above a small cyan triangle on a black background'
+    for s in scenes(1000, 'any'):
+        assert GRAMMAR.fullmatch(caption(s)), caption(s)
+
+
+def test_two_objects_differ_in_colour_and_cell_and_a_is_left_or_upper():
+    for s in scenes(2000, 'any'):
+        if len(s['objects']) == 2:
+            a, b = s['objects']
+            assert a['color'] != b['color'] and a['cell'] != b['cell']
+            (ar, ac), (br, bc) = divmod(a['cell'], 3), divmod(b['cell'], 3)
+            assert ac < bc or (ac == bc and ar < br)
+
+
+def box(o):
+    cx, cy = (o['cell'] % 3 + 0.5) / 3 + o['dx'], (o['cell'] // 3 + 0.5) / 3 + o['dy']
+    return cx - o['side'] / 2, cy - o['side'] / 2, cx + o['side'] / 2, cy + o['side'] / 2
+
+
+def gap(a, b):  # distance between two boxes along the axis where they are apart (negative: overlap)
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = box(a), box(b)
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+
+
+def test_objects_keep_a_gap_and_stay_on_the_canvas():
+    for s in scenes(3000, 'any'):
+        for o in s['objects']:
+            assert abs(o['dx']) <= 0.02 and abs(o['dy']) <= 0.02
+            assert 0.95 <= o['side'] / SIZES[o['size']] <= 1.05
+            x0, y0, x1, y1 = box(o)
+            assert min(x0, y0) > 0 and max(x1, y1) < 1
+        if len(s['objects']) == 2:
+            assert gap(*s['objects']) >= 0.02
+    # the worst case: two large objects of largest jitter in neighbouring cells, pushed together
+    a = dict(cell=4, side=0.26 * 1.05, dx=0.02, dy=0.02)
+    for cell, dx, dy in ((5, -0.02, 0.0), (7, 0.0, -0.02), (8, -0.02, -0.02)):
+        assert gap(a, dict(cell=cell, side=0.26 * 1.05, dx=dx, dy=dy)) >= 0.02 - 1e-9
+
+
+def test_render_draws_flat_background_and_pure_colours():
+    scene = {'background': 'white', 'objects': [dict(shape='square', color='purple', size='large', cell=0,
+                                                     side=0.26, dx=0.0, dy=0.0),
+                                                dict(shape='triangle', color='green', size='small', cell=8,
+                                                     side=0.16, dx=0.01, dy=-0.01)]}
+    for R in (64, 256):
+        img = render(scene, R)
+        assert img.shape == (R, R, 3) and img.dtype == np.uint8
+        assert tuple(img[R // 2, R // 2]) == BACKGROUNDS['white']
+        assert tuple(img[R // 6, R // 6]) == COLORS['purple']
+        assert tuple(img[int(R * 0.88), int(R * 0.84)]) == COLORS['green']  # low in the triangle, near the axis
+        values = {tuple(p) for p in img.reshape(-1, 3)}
+        assert len(values) > 3  # anti-aliased edges blend colour into background
+
+
+def test_eval_prompts_are_deterministic_and_mixed():
+    prompts = eval_prompts(200)
+    assert prompts == eval_prompts(200) and prompts != eval_prompts(200, seed=1)
+    groups = [g for _, g in prompts]
+    assert (groups.count('one'), groups.count('two'), groups.count('held_out')) == (80, 80, 40)
+    held = {f'{c} {s}' for c, s in HELD_OUT}
+    for cap, group in prompts:
+        assert GRAMMAR.fullmatch(cap)
+        two = ' to the left of ' in cap or ' above ' in cap
+        assert any(h in cap for h in held) == (group == 'held_out')
+        if group != 'held_out':
+            assert two == (group == 'two')
+    assert len({c for c, _ in prompts}) > 150  # not a handful of repeats

@@ -1,0 +1,135 @@
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import BACKGROUNDS, caption, eval_prompts, render, sample_scene, shapes_example
+from eval import caption_group, load_dir, parse_caption, score, score_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = ('color', 'shape', 'size', 'position')
+
+
+def test_parse_caption():
+    p = parse_caption('a small red circle in the top right on a gray background')
+    assert p == {'background': 'gray', 'objects': [dict(size='small', color='red', shape='circle')], 'cell': 2}
+    p = parse_caption('a large blue square to the right of a small cyan triangle on a white background')
+    assert p['relation'] == 'right' and [o['color'] for o in p['objects']] == ['blue', 'cyan']
+    assert parse_caption('a large blue square below a small cyan triangle on a black background')['relation'] == 'below'
+    assert parse_caption('A large blue square above a small cyan triangle on a black background.')['relation'] == 'above'
+    for bad in ('a dog on a skateboard', 'a huge red circle in the center on a gray background',
+                'a small red circle on a gray background', ''):
+        with pytest.raises(ValueError, match='caption'):
+            parse_caption(bad)
+
+
+def test_real_images_score_correct():
+    # SHAPES.md: real images of the set score at least 99% correct at R = 64 and 100% at R >= 128
+    for R, n, need in ((64, 300, 0.99), (128, 150, 1.0)):
+        results = [score_image(*shapes_example(11, i, R, ('train', 'held_out', 'any')[i % 3])) for i in range(n)]
+        assert sum(r['correct'] for r in results) / n >= need, R
+
+
+def one_scene(**object):
+    o = dict(shape='circle', color='red', size='large', cell=4, side=0.26, dx=0.01, dy=-0.01) | object
+    return {'background': 'gray', 'objects': [o]}
+
+
+@pytest.mark.parametrize('R', [64, 128])
+@pytest.mark.parametrize('wrong, check', [
+    ('a large green circle in the center', 'color'),
+    ('a large red square in the center', 'shape'),
+    ('a large red triangle in the center', 'shape'),
+    ('a small red circle in the center', 'size'),
+    ('a large red circle on the right', 'position'),
+    ('a large red circle at the top', 'position'),
+])
+def test_wrong_one_object_caption_fails_on_its_check(R, wrong, check):
+    img = render(one_scene(), R)
+    assert score_image(img, caption(one_scene()))['correct']
+    r = score_image(img, wrong + ' on a gray background')
+    assert not r['correct'] and not r[check]
+    if check != 'color':  # a missing colour fails every check; other mistakes fail only their own
+        assert all(r[k] for k in CHECKS if k != check)
+
+
+@pytest.mark.parametrize('shape', ['circle', 'square', 'triangle'])
+@pytest.mark.parametrize('size', ['small', 'large'])
+def test_each_shape_and_size_is_told_apart(shape, size):
+    img = render(one_scene(shape=shape, size=size, side=0.16 if size == 'small' else 0.26), 64)
+    for s in ('circle', 'square', 'triangle'):
+        for z in ('small', 'large'):
+            r = score_image(img, f'a {z} red {s} in the center on a gray background')
+            assert (r['shape'], r['size']) == (s == shape, z == size)
+
+
+def test_two_object_relations():
+    a = dict(shape='square', color='blue', size='small', cell=0, side=0.16, dx=0.0, dy=0.0)
+    b = dict(shape='triangle', color='yellow', size='large', cell=1, side=0.26, dx=0.0, dy=0.0)
+    c = dict(b, cell=3)  # below a, same column
+
+    def ok(words):
+        return score_image(img, words + ' on a black background')
+
+    for R in (64, 128):
+        img = render({'background': 'black', 'objects': [a, b]}, R)
+        assert ok('a small blue square to the left of a large yellow triangle')['correct']
+        assert ok('a large yellow triangle to the right of a small blue square')['correct']
+        for wrong in ('a small blue square to the right of a large yellow triangle',
+                      'a large yellow triangle to the left of a small blue square'):
+            r = ok(wrong)
+            assert not r['position'] and r['color'] and r['shape'] and r['size']
+        r = ok('a small blue square to the left of a large red triangle')  # B's colour is absent
+        assert not r['correct'] and not r['color']
+        img = render({'background': 'black', 'objects': [a, c]}, R)
+        assert ok('a small blue square above a large yellow triangle')['correct']
+        assert ok('a large yellow triangle below a small blue square')['correct']
+        assert not ok('a small blue square below a large yellow triangle')['position']
+
+
+def test_blank_and_noise_images_fail():
+    for bg, rgb in BACKGROUNDS.items():
+        blank = np.full((64, 64, 3), rgb, np.uint8)
+        r = score_image(blank, f'a large red circle in the center on a {bg} background')
+        assert not r['correct'] and not r['color']
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not score_image(noise, 'a large red circle in the center on a gray background')['correct']
+
+
+def test_score_report_and_groups():
+    prompts = eval_prompts(20)
+    assert [caption_group(c) for c, _ in prompts] == [g for _, g in prompts]
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, split) for split in ('train', 'train', 'held_out')]
+    images, captions = [render(s, 64) for s in scenes], [caption(s) for s in scenes]
+    images[0] = np.zeros_like(images[0])  # one failure
+    report = score(images, captions, ['one', 'two', 'held_out'])
+    assert set(report) == {'one', 'two', 'held_out', 'all'}
+    assert report['all']['n'] == 3 and report['one'] == dict(n=1, correct=0.0, color=0.0, shape=0.0, size=0.0,
+                                                             position=0.0)
+    assert report['two']['correct'] == report['held_out']['correct'] == 1.0
+    assert abs(report['all']['correct'] - 2 / 3) < 1e-9
+    json.dumps(report)
+
+
+def test_load_dir_and_cli(tmp_path):
+    for i in range(6):
+        img, cap = shapes_example(0, i, 64, 'held_out' if i == 5 else 'train')
+        Image.fromarray(img).save(tmp_path / f'{i:05d}.png')
+        (tmp_path / f'{i:05d}.txt').write_text(cap + '\n')
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(tmp_path / 'grid.png')
+    images, captions = load_dir(tmp_path)
+    assert len(images) == 6 and captions[0] == shapes_example(0, 0, 64)[1]
+    assert np.array_equal(images[3], shapes_example(0, 3, 64)[0])
+    out = subprocess.run([sys.executable, 'eval.py', f'--samples_dir={tmp_path}'], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    assert report['all'] == dict(n=6, correct=1.0, color=1.0, shape=1.0, size=1.0, position=1.0)
+    assert report['held_out']['n'] >= 1 and report['one']['n'] + report['two']['n'] + report['held_out']['n'] == 6
+    missing = subprocess.run([sys.executable, 'eval.py'], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and 'samples_dir' in missing.stderr

@@ -1,0 +1,205 @@
+import sys, os; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (shift_t, sample_t, drop_captions, velocity_loss, load_lpips, lpips_loss, load_dino, dino_loss,
+                    load_repa_teacher, repa_loss)
+
+# Random-weight nets with tiny dims: no downloads, and fast on two CPU cores.
+TINY = dict(embed_dim=32, depth=1, num_heads=2)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def images(seed, shape=(2, 3, 32, 32)):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ---- the flow-matching objective ----
+
+def test_velocity_loss_is_clipped_velocity_mse():
+    g = torch.Generator().manual_seed(0)
+    x, z, x_pred = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.3, 0.99])  # 1 - 0.99 = 0.01 is below the clip, so the second sample divides by 0.05
+    d = torch.tensor([0.7, 0.05]).view(-1, 1, 1, 1)
+    want = (((x_pred - z) / d - (x - z) / d) ** 2).mean()
+    torch.testing.assert_close(velocity_loss(x_pred, x, z, t), want)
+    unclipped = (((x_pred - z) / (1 - t.view(-1, 1, 1, 1)) - (x - z) / (1 - t.view(-1, 1, 1, 1))) ** 2).mean()
+    assert not torch.allclose(want, unclipped)
+
+
+def test_shift_t():
+    t = torch.linspace(0, 1, 101)
+    torch.testing.assert_close(shift_t(t, 1), t)
+    s = shift_t(t, 3)
+    torch.testing.assert_close(s[[0, -1]], torch.tensor([0.0, 1.0]))
+    assert (s[1:-1] < t[1:-1]).all()  # toward noise: t = 1 is clean
+    assert (s.diff() > 0).all()
+    torch.testing.assert_close(shift_t(torch.tensor(0.5), 3), torch.tensor(0.25))  # s = 0.5 -> 1.5 / 2 = 0.75
+
+
+def test_sample_t_logit_normal():
+    n = 20000
+    t = sample_t(n, torch.Generator().manual_seed(0), 'cpu', mean=0.5, std=1.2, shift=1, uniform=0)
+    assert ((t > 0) & (t < 1)).all()
+    logit = torch.logit(t.double())
+    assert abs(logit.mean().item() - 0.5) < 0.05 and abs(logit.std().item() - 1.2) < 0.05
+    again = sample_t(n, torch.Generator().manual_seed(0), 'cpu', mean=0.5, std=1.2, shift=1, uniform=0)
+    assert torch.equal(t, again)
+    other = sample_t(n, torch.Generator().manual_seed(1), 'cpu', mean=0.5, std=1.2, shift=1, uniform=0)
+    assert not torch.equal(t, other)
+
+
+def test_sample_t_uniform_fraction():
+    t = sample_t(20000, torch.Generator().manual_seed(0), 'cpu', mean=0, std=1, shift=3, uniform=1.0)
+    assert ((t > 0) & (t < 1)).all()
+    frac = torch.histc(t, bins=10, min=0, max=1) / len(t)
+    assert (frac - 0.1).abs().max() < 0.015
+    # a 10% uniform share leaves the shifted logit-normal in charge: mean well below 0.5
+    assert sample_t(20000, torch.Generator().manual_seed(0), 'cpu', 0, 1, 3, 0.1).mean() < 0.35
+
+
+def test_drop_captions():
+    caps = [f'caption {i}' for i in range(10000)]
+    out = drop_captions(caps, 0.1, torch.Generator().manual_seed(0))
+    assert len(out) == len(caps) and all(o in ('', c) for o, c in zip(out, caps))
+    assert abs(out.count('') / len(caps) - 0.1) < 0.015
+    assert drop_captions(caps, 0.0, torch.Generator().manual_seed(0)) == caps
+
+
+# ---- perceptual losses ----
+
+@pytest.fixture(scope='module')
+def lpips_net():
+    torch.manual_seed(0)
+    return load_lpips(pretrained=False)  # random VGG trunk, the package's own linear layers
+
+
+@pytest.fixture(scope='module')
+def dino_net():
+    torch.manual_seed(0)
+    return load_dino(pretrained=False, **TINY)
+
+
+def test_lpips_linear_layers_load_offline(lpips_net):
+    import lpips
+    path = os.path.join(os.path.dirname(lpips.__file__), 'weights', 'v0.1', 'vgg.pth')
+    shipped = torch.load(path, map_location='cpu')
+    ours = lpips_net.state_dict()
+    assert len(shipped) == 5
+    for k, v in shipped.items():
+        assert torch.equal(ours[k], v), k
+
+
+def test_loaders_return_frozen_eval_nets(lpips_net, dino_net):
+    for net in (lpips_net, dino_net):
+        assert not net.training and not any(m.training for m in net.modules())
+        assert not any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize('which', ['lpips', 'dino'])
+def test_perceptual_losses(which, lpips_net, dino_net):
+    net, loss_fn = (lpips_net, lpips_loss) if which == 'lpips' else (dino_net, dino_loss)
+    target = images(0).requires_grad_()
+    assert abs(loss_fn(net, target.detach().clone(), target).item()) < 1e-5
+    pred = images(1).requires_grad_()
+    loss = loss_fn(net, pred, target)
+    assert loss.item() > 1e-3
+    assert loss.item() == loss_fn(net, pred, target).item()  # eval mode: LPIPS' dropout is off
+    loss.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    assert target.grad is None
+    assert all(p.grad is None for p in net.parameters())
+    assert not net.training
+
+
+def test_lpips_downscales_half():
+    seen = []
+
+    def net(a, b):
+        seen.append((a.shape, b.shape))
+        return (a - b).abs().mean((1, 2, 3))
+    pred, target = images(0, (2, 3, 32, 48)), images(1, (2, 3, 32, 48))
+    lpips_loss(net, pred, target)
+    assert seen == [((2, 3, 16, 24), (2, 3, 16, 24))]
+
+
+def test_dino_loss_is_patch_token_cosine_at_224(dino_net):
+    assert dino_net.num_prefix_tokens == 5  # DINOv2 reg4: CLS + 4 registers
+    pred, target = images(0, (2, 3, 256, 256)), images(1, (2, 3, 256, 256))  # a downscale, where antialias counts
+
+    def feats(x):
+        x = F.interpolate(x, size=(224, 224), mode='bilinear', antialias=True)
+        return dino_net.forward_features(((x + 1) / 2 - MEAN) / STD)[:, 5:]
+    fp, ft = feats(pred), feats(target)
+    assert fp.shape == (2, 16 * 16, 32)
+    want = (1 - F.cosine_similarity(fp, ft, dim=-1)).mean()
+    torch.testing.assert_close(dino_loss(dino_net, pred, target), want)
+
+
+# ---- REPA ----
+
+@pytest.fixture(scope='module', params=['vit_large_patch16_dinov3', 'vit_base_patch14_reg4_dinov2'])
+def teacher(request):
+    torch.manual_seed(0)
+    return load_repa_teacher(request.param, pretrained=False, **TINY)
+
+
+def teacher_feats(teacher, x, size):
+    x = F.interpolate(x, size=size, mode='bilinear', antialias=True)
+    return teacher.forward_features(((x + 1) / 2 - MEAN) / STD)[:, teacher.num_prefix_tokens:]
+
+
+def test_repa_teacher_input_size(teacher):
+    # model patch 8 on a 64x32 image: an 8x4 token grid, so the teacher sees 8*tp x 4*tp pixels
+    tp = teacher.patch_embed.patch_size[0]
+    assert tp in (14, 16) and teacher.num_prefix_tokens == 5  # CLS + 4 registers for both DINOv2 reg4 and DINOv3
+    seen = []
+    handle = teacher.patch_embed.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape))
+    try:
+        repa_loss(teacher, (torch.randn(2, 32, 32), None), images(0, (2, 3, 64, 32)), 8)
+    finally:
+        handle.remove()
+    assert seen == [(2, 3, 8 * tp, 4 * tp)]
+
+
+def test_repa_all_tokens_matches_direct(teacher):
+    # the speedrun's ratio: model patch 32, so a 128px image is a 4x4 grid and DINOv3 sees it at 64px (0.5x)
+    x = images(0, (2, 3, 128, 128))
+    tp = teacher.patch_embed.patch_size[0]
+    proj = torch.randn(2, 16, 32, requires_grad=True)
+    with torch.no_grad():
+        ft = teacher_feats(teacher, x, (4 * tp, 4 * tp))
+    want = -F.cosine_similarity(proj, ft, dim=-1).mean()
+    torch.testing.assert_close(repa_loss(teacher, (proj, None), x, 32), want)
+
+
+def test_repa_kept_tokens_gather_teacher_features(teacher):
+    x = images(0, (2, 3, 64, 64))
+    tp = teacher.patch_embed.patch_size[0]
+    g = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.randperm(64, generator=g)[:32].sort().values for _ in range(2)])  # TREAD: 50% kept
+    proj = torch.randn(2, 32, 32, generator=g, requires_grad=True)
+    with torch.no_grad():
+        ft = teacher_feats(teacher, x, (8 * tp, 8 * tp))
+    want = -F.cosine_similarity(proj, torch.stack([ft[b, keep[b]] for b in range(2)]), dim=-1).mean()
+    ignoring_keep = -F.cosine_similarity(proj, ft[:, :32], dim=-1).mean()
+    assert not torch.allclose(want, ignoring_keep)
+    x.requires_grad_()
+    loss = repa_loss(teacher, (proj, keep), x, 8)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
+    assert x.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_repa_grid_mismatch_raises(teacher):
+    x = images(0, (2, 3, 64, 64))
+    with pytest.raises(ValueError):
+        repa_loss(teacher, (torch.randn(2, 63, 32), None), x, 8)
+    with pytest.raises(ValueError):
+        repa_loss(teacher, (torch.randn(2, 64, 32), None), x, 16)  # a 4x4 grid has 16 tokens, not 64
