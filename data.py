@@ -105,11 +105,15 @@ BOS = 256  # every byte caption starts with it, so even the empty caption has on
 
 
 class ByteTextEncoder(nn.Module):
-    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default."""
+    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
+    Each byte also carries the index of its word (spaces before it): a word's bytes then find each other at once,
+    and a word's slot in the sentence is explicit, as a word tokenizer's positions would make it. Without it the
+    4-block shapes model all but ignored its captions in 1000 steps (2% correct, position at chance)."""
 
-    def __init__(self, dim, max_len, n_layer):
+    def __init__(self, dim, max_len, n_layer, max_words=32):
         super().__init__()
         self.embed = nn.Embedding(257, dim)
+        self.word = nn.Embedding(max_words, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
                                            batch_first=True, norm_first=True)
@@ -117,7 +121,8 @@ class ByteTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask):
-        x = self.embed(ids) + self.pos[:ids.shape[1]]
+        word = (ids == ord(' ')).cumsum(1).clamp(max=self.word.num_embeddings - 1)
+        x = self.embed(ids) + self.word(word) + self.pos[:ids.shape[1]]
         return self.norm(self.layers(x, src_key_padding_mask=~mask))
 
 

@@ -6,8 +6,9 @@ The denoiser: a pixel-space diffusion transformer that predicts the clean image 
             RMSNorm on q and k, adaLN-zero from the timestep, gated (SwiGLU) MLP
     head:   adaLN shift/scale, zero-initialised linear to patch pixels, folded back to an image
 
-Positions enter only through RoPE, so any square resolution that is a multiple of the
-patch size runs with the same weights (the speedrun goes 512px -> 1024px without resizing).
+Positions are a fixed sin-cos embedding of image fractions plus RoPE, both computed for the grid at hand, so
+any square resolution that is a multiple of the patch size runs with the same weights (the speedrun goes
+512px -> 1024px without resizing anything).
 TREAD routing and the REPA tap are the two marked spots in DiT.forward.
 """
 import math
@@ -61,6 +62,18 @@ def rope_2d(h, w, head_dim, device, base=100.0):
     angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim/2)
     angles = torch.cat([angles, angles], dim=1)                                         # (N, head_dim)
     return angles.cos(), angles.sin()
+
+
+def sincos_2d(h, w, dim, device, grid=16):
+    """Fixed 2D sin-cos position embedding (JiT adds one too). RoPE alone only tells tokens where they are relative to
+    each other, and text tokens have no position at all, so "in the top left" needs this absolute one. Coordinates
+    are fractions of the image times `grid`, so a layout keeps its meaning when the resolution changes."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys = ((torch.arange(h, device=device) + 0.5) / h * grid).repeat_interleave(w)
+    xs = ((torch.arange(w, device=device) + 0.5) / w * grid).repeat(h)
+    ay, ax = ys[:, None] * freqs, xs[:, None] * freqs
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)   # (h*w, dim)
 
 
 def apply_rope(x, cos, sin):
@@ -123,7 +136,8 @@ class DiT(nn.Module):
         n = cfg.n_layer
         self.route = range(cfg.route_start % n if cfg.route_start < 0 else cfg.route_start,
                            cfg.route_end % n if cfg.route_end < 0 else cfg.route_end)
-        assert cfg.route_ratio == 0 or len(self.route) > 0, f'empty TREAD route blocks[{cfg.route_start}:{cfg.route_end}]'
+        if cfg.route_ratio > 0 and len(self.route) == 0:
+            raise ValueError(f'TREAD route blocks[{cfg.route_start}:{cfg.route_end}] of {n} blocks is empty')
         self._init_weights()
 
     def _init_weights(self):
@@ -151,7 +165,7 @@ class DiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
         h, w = H // p, W // p
-        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2))                 # (B, N, D)
+        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(h, w, self.cfg.n_embd, z.device)
         txt = self.text_proj(self.text_encoder(text, text_mask) if self.text_encoder is not None else text)
         c = self.t_embed(timestep_embedding(t * 1000, 256))
         cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
@@ -164,21 +178,26 @@ class DiT(nn.Module):
                 # TREAD (Krause et al. 2025): per sample, a random subset of tokens skips the route unchanged;
                 # the kept ones carry their own RoPE positions through it
                 n_keep = max(1, round(x.shape[1] * (1 - self.cfg.route_ratio)))
-                keep = torch.rand(B, x.shape[1], device=x.device).argsort(dim=1)[:, :n_keep]
+                keep = route_keep(B, x.shape[1], n_keep, x.device)
                 x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
                 cos, sin = cos_all[keep][:, None], sin_all[keep][:, None]               # (B, 1, n_keep, hd)
                 mask = torch.cat([text_mask, text_mask.new_ones(B, n_keep)], dim=1)[:, None, None]
             x = block(x, c, txt, mask, cos, sin)
+            if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
+                repa = (self.repa_proj(x), keep)   # REPA: inside the route these are the kept tokens only
             if route and i == self.route.stop - 1:
                 # TREAD: put the routed tokens back in their places; skipped ones come through untouched
                 x = x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
                 cos, sin, keep = cos_all, sin_all, None
                 mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], dim=1)[:, None, None]
-            if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
-                repa = (self.repa_proj(x), keep)   # REPA: inside the route these are the kept tokens only
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
         return F.fold(x.transpose(1, 2), (H, W), p, stride=p), repa
+
+
+def route_keep(B, N, n_keep, device):
+    """TREAD: the indices of the n_keep tokens (of N) that go through the route, drawn at random per sample."""
+    return torch.rand(B, N, device=device).argsort(dim=1)[:, :n_keep]
 
 
 def timestep_embedding(t, dim, max_period=10000):

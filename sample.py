@@ -33,11 +33,21 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 # -----------------------------------------------------------------------------
 
 
+def guide(dense, uncond, routed, cfg_scale, sg_scale):
+    """Guidance around the dense conditional prediction: dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed).
+    cfg alone is uncond + w (cond - uncond); sg alone is the speedrun's self-guidance routed + w (dense - routed),
+    both passes on the real prompt, the routed one with the training routing (TREAD weakens plain CFG)."""
+    out = dense
+    if cfg_scale != 1:
+        out = out + (cfg_scale - 1) * (dense - uncond)
+    if sg_scale != 1:
+        out = out + (sg_scale - 1) * (dense - routed)
+    return out
+
+
 @torch.no_grad()
 def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen, progress=False):
-    """Euler from t=0 (noise) to t=1 (clean) on the training time shift. Guidance combines, each around the dense
-    conditional prediction d:  out = d + (cfg-1)(d - uncond) + (sg-1)(d - routed).
-    With sg alone that is the speedrun's routed + w (dense - routed); with cfg alone, uncond + w (cond - uncond)."""
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
@@ -49,16 +59,14 @@ def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, n
     ts = shift_t(torch.linspace(0, 1, steps + 1, device=device), shift)
     for i in range(steps):
         t = ts[i].expand(B)
+        x_uncond = x_routed = None
         if cfg_scale != 1:
-            both = model(torch.cat([z, z]), torch.cat([t, t]), text, mask, route=False)[0].float()
-            x, x_uncond = both[:B], both[B:]
-            guided = x + (cfg_scale - 1) * (x - x_uncond)
+            x, x_uncond = model(torch.cat([z, z]), torch.cat([t, t]), text, mask, route=False)[0].float().chunk(2)
         else:
-            x = guided = model(z, t, text, mask, route=False)[0].float()
+            x = model(z, t, text, mask, route=False)[0].float()
         if sg_scale != 1:
             x_routed = model(z, t, text[:B], mask[:B], route=True)[0].float()
-            guided = guided + (sg_scale - 1) * (x - x_routed)
-        v = (guided - z) / (1 - ts[i]).clamp_min(0.05)  # JiT: the same clip as in training
+        v = (guide(x, x_uncond, x_routed, cfg_scale, sg_scale) - z) / (1 - ts[i]).clamp_min(0.05)  # JiT: the same clip as in training
         z = z + (ts[i + 1] - ts[i]) * v
         if progress:
             print(f'\rsampling: step {i + 1}/{steps}', end='', file=sys.stderr, flush=True)

@@ -98,6 +98,12 @@ seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
+for key, value, choices in (('init_from', init_from, ('scratch', 'resume')), ('optimizer', optimizer, ('adamw', 'muon')),
+                            ('dtype', dtype, ('float32', 'bfloat16', 'float16'))):
+    if value not in choices:
+        raise SystemExit(f'config error: {key}={value!r}, want one of {choices}')
+if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+    raise SystemExit(f'config error: init_from=resume but there is no {out_dir}/ckpt.pt')
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -133,28 +139,24 @@ model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer,
                   route_start=route_start, route_end=route_end, repa_block=repa_block,
                   repa_dim=teacher.num_features if teacher is not None else 0)
 ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False) if init_from == 'resume' else None
-if ckpt is not None:
-    model_args = ckpt['model_args']
-elif init_from != 'scratch':
-    raise SystemExit(f"config error: init_from={init_from!r}, want 'scratch' or 'resume'")
+if ckpt is not None:  # the architecture comes from the checkpoint; routing and the REPA tap may change per stage
+    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in ('route_ratio', 'route_start', 'route_end',
+                                                                      'repa_block')}}
 raw = DiT(DiTConfig(**model_args)).to(device)
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
 dino_net = load_dino(dino_model, teachers_pretrained).to(device) if dino_weight > 0 else None
 
 # optimizers: Muon takes the blocks' 2D matrices; Adam everything else (embeddings, head, norms, biases, REPA)
-named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
-def is_muon(name, p):
-    return optimizer == 'muon' and name.startswith('blocks.') and p.ndim == 2
-
-
-adam_params = [p for n, p in named if not is_muon(n, p)]
-opts = [torch.optim.AdamW(adam_params, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)]
+named = list(raw.named_parameters())
+muon_names = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
+opts = [torch.optim.AdamW([p for n, p in named if n not in muon_names], lr=learning_rate, betas=betas, eps=eps,
+                          weight_decay=weight_decay)]
 if optimizer == 'muon':
-    opts.append(Muon([p for n, p in named if is_muon(n, p)], lr=muon_lr, momentum=muon_momentum, nesterov=True,
+    opts.append(Muon([p for n, p in named if n in muon_names], lr=muon_lr, momentum=muon_momentum, nesterov=True,
                      weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
-elif optimizer != 'adamw':
-    raise SystemExit(f"config error: optimizer={optimizer!r}, want 'adamw' or 'muon'")
+if raw.repa_proj is not None and repa_weight == 0:
+    raw.repa_proj.requires_grad_(False)  # stage 2 turns REPA off: the projector stays, out of DDP's way
 for opt in opts:
     for g in opt.param_groups:
         g['base_lr'] = g['lr']
@@ -165,10 +167,7 @@ if ckpt is not None:
     ema.load_state_dict(ckpt['ema'])
     for opt, sd in zip(opts, ckpt['optimizers']):
         opt.load_state_dict(sd)
-    step = ckpt['step']
-    torch.set_rng_state(ckpt['rng']['cpu'])
-    if device_type == 'cuda' and ckpt['rng']['cuda'] is not None:
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    step, rng = ckpt['step'], ckpt['rng']
     del ckpt
 model = torch.compile(raw) if compile else raw
 if ddp:
@@ -177,6 +176,10 @@ if ddp:
 loader = iter(torch.utils.data.DataLoader(
     StepBatches(Mixture(data, image_size, seed), batch_size, micro, rank, world, start_step=step),
     batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0))
+if init_from == 'resume':  # last: making the loader's iterator above draws from the global RNG
+    torch.set_rng_state(rng['cpu'])
+    if device_type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'])
 if master:
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
           f'= batch {batch_size} | {device} {dtype}')
@@ -255,11 +258,19 @@ while step < max_iters and not (time_budget and time.time() - t_start > time_bud
         save_checkpoint()
         t_log = time.time()
 
+summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
+if ddp:  # a cheap desync check: every rank must hold rank 0's weights
+    flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    summary['rank_weight_diff'] = diff.item()
 if master:
     save_checkpoint()
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1), 'peak_mem_gib': round(peak, 2)}
+    summary['peak_mem_gib'] = round(peak, 2)
     print(json.dumps(summary))
     log.write(json.dumps(summary) + '\n')
     log.close()

@@ -1,0 +1,107 @@
+"""
+Step-cost benchmarks, measured as ratios inside one run (absolute speeds only mean something on a named GPU).
+
+    python bench.py                                  # CPU: REPA, LPIPS, DINOv2 and TREAD vs the plain step
+    python bench.py --n_layer=12 --n_embd=384 --variants="['plain','tread']"   # TREAD on a deeper, wider model
+
+Each variant is a full training step (forward, losses, backward, optimizer) of train.py's pieces on shapes
+batches; teachers are random-weight (teachers_pretrained=False), which costs the same as the real ones.
+"""
+import json
+import time
+
+import torch
+
+from data import Mixture, StepBatches, load_text_encoder, to_model_images
+from losses import diffusion_loss, load_dino, load_lpips, load_repa_teacher
+from model import DiT, DiTConfig
+
+# -----------------------------------------------------------------------------
+variants = ['plain', 'repa', 'lpips', 'dino', 'tread']
+image_size = 64
+batch_size = 64
+patch_size = 8
+bottleneck = 64
+n_layer = 4
+n_head = 4
+n_embd = 128
+text_dim = 128
+text_layers = 1
+route_ratio = 0.5
+repa_block = 2
+repa_teacher = 'vit_large_patch16_dinov3'
+dino_model = 'vit_base_patch14_reg4_dinov2'
+teachers_pretrained = False
+warmup = 3
+steps = 10
+rounds = 2                # variants are timed in turn, `rounds` times, keeping each one's best: fair under noise
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+compile = False
+# -----------------------------------------------------------------------------
+WEIGHTS = {'plain': {}, 'repa': {'repa_weight': 0.5}, 'lpips': {'lpips_weight': 0.1}, 'dino': {'dino_weight': 0.01},
+           'tread': {}, 'all': {'repa_weight': 0.5, 'lpips_weight': 0.1, 'dino_weight': 0.01}}
+
+
+def sync():
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def build(variant, teacher):
+    routed = variant in ('tread', 'all')
+    cfg = DiTConfig(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                    text_dim=text_dim, text_layers=text_layers, route_ratio=route_ratio if routed else 0.0,
+                    repa_block=repa_block, repa_dim=teacher.num_features if 'repa_weight' in WEIGHTS[variant] else 0)
+    model = DiT(cfg).to(device).train()
+    return torch.compile(model) if compile else model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+if __name__ == '__main__':
+    from configurator import configure
+    config = configure(globals())
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    needs = set().union(*(WEIGHTS[v] for v in variants))
+    teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if 'repa_weight' in needs else None
+    lpips_net = load_lpips(teachers_pretrained).to(device) if 'lpips_weight' in needs else None
+    dino_net = load_dino(dino_model, teachers_pretrained).to(device) if 'dino_weight' in needs else None
+    encode = load_text_encoder('bytes', 96, device)
+    u8, captions, _ = next(iter(StepBatches(Mixture({'shapes': 1.0}, image_size, 0), batch_size, batch_size, 0, 1)))[0]
+    x = to_model_images(u8.to(device))
+    text, mask = encode(captions)
+    best, peak, params = {}, {}, {}
+    for r in range(rounds):
+        for v in variants:
+            torch.manual_seed(0)
+            model, opt = build(v, teacher)  # built afresh each time: only one model is in memory at once
+            params[v] = sum(p.numel() for p in model.parameters())
+            if device.startswith('cuda'):
+                torch.cuda.reset_peak_memory_stats()
+            cfg = {'t_mean': -0.8, 't_std': 0.8, 't_shift': 1.0, 't_uniform': 0.0, 'noise_scale': 1.0,
+                   'lpips_weight': 0.0, 'dino_weight': 0.0, 'repa_weight': 0.0, 'patch_size': patch_size,
+                   **WEIGHTS[v]}
+            gen = torch.Generator(device).manual_seed(0)
+            for i in range(warmup + steps):
+                if i == warmup:
+                    sync()
+                    t0 = time.perf_counter()
+                with autocast:
+                    loss, _ = diffusion_loss(model, x, text, mask, gen, cfg, lpips_net, dino_net, teacher)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync()
+            ms = 1000 * (time.perf_counter() - t0) / steps
+            best[v] = min(best.get(v, float('inf')), ms)
+            if device.startswith('cuda'):
+                peak[v] = torch.cuda.max_memory_allocated() / 2**30
+            del model, opt
+    base = best.get('plain')
+    card = torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'
+    for v in variants:
+        row = {'variant': v, 'ms_per_step': round(best[v], 1), 'images_per_s': round(batch_size * 1000 / best[v], 1),
+               'ratio_to_plain': round(best[v] / base, 3) if base else None, 'device': card,
+               'model': f'{n_layer}x{n_embd}', 'params_M': round(params[v] / 1e6, 2), 'image_size': image_size,
+               'batch_size': batch_size, **({'peak_mem_gib': round(peak[v], 2)} if v in peak else {})}
+        print(json.dumps(row), flush=True)

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import model as model_module
+from data import tokenize_bytes
+from model import DiT, DiTConfig
+
+CAPS = ['a small red circle in the center on a black background', 'a large blue square at the top on a gray background']
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(patch_size=8, bottleneck=16, n_layer=4, n_head=2, n_embd=32, text_dim=32, text_layers=1)
+    cfg.update(kw)
+    m = DiT(DiTConfig(**cfg))
+    for p in m.parameters():  # leave the zero init (adaLN-zero, zero head), which would make every test trivial
+        if p.ndim == 2 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def inputs(B=2, size=32):
+    torch.manual_seed(1)
+    ids, mask = tokenize_bytes(CAPS[:B], 96)
+    return torch.randn(B, 3, size, size), torch.rand(B), ids, mask
+
+
+def test_zero_init_predicts_zero():
+    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, text_layers=1))
+    x, repa = m(*inputs())
+    assert x.shape == (2, 3, 32, 32) and repa is None
+    assert x.abs().max() == 0  # zero head: the first prediction is the mean image
+
+
+def test_any_multiple_of_patch_size_same_weights():
+    m = tiny().eval()
+    for size in (16, 32, 64):
+        z, t, ids, mask = inputs(size=size)
+        assert m(z, t, ids, mask)[0].shape == (2, 3, size, size)
+    with pytest.raises(ValueError, match='multiple of the patch size'):
+        m(torch.randn(1, 3, 36, 36), torch.rand(1), ids[:1], mask[:1])
+
+
+def test_text_padding_is_masked_and_text_matters():
+    m = tiny().eval()
+    z, t, ids, mask = inputs()
+    out = m(z, t, ids, mask)[0]
+    ids2 = ids.clone()
+    ids2[~mask] = 97  # change only padding bytes
+    assert torch.allclose(m(z, t, ids2, mask)[0], out, atol=1e-6)
+    other, other_mask = tokenize_bytes(CAPS[::-1], 96)
+    assert not torch.allclose(m(z, t, other, other_mask)[0], out, atol=1e-4)
+
+
+def test_route_ratio_zero_equals_dense():
+    m = tiny(route_ratio=0.0).train()
+    z, t, ids, mask = inputs()
+    assert torch.equal(m(z, t, ids, mask, route=True)[0], m(z, t, ids, mask, route=False)[0])
+
+
+def test_routing_is_train_only_and_changes_the_output():
+    m = tiny(route_ratio=0.5)
+    z, t, ids, mask = inputs()
+    dense = m.eval()(z, t, ids, mask)[0]
+    assert torch.equal(m(z, t, ids, mask)[0], dense)          # eval: dense by default
+    assert not torch.allclose(m.train()(z, t, ids, mask)[0], dense, atol=1e-4)
+
+
+def test_routed_tokens_skip_unchanged_and_return_to_their_places():
+    m = tiny(route_ratio=0.5, n_layer=5, route_start=1, route_end=-1).train()   # route: blocks 1, 2, 3
+    z, t, ids, mask = inputs()
+    seen = {}
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: seen.__setitem__('before', out))
+    m.blocks[3].register_forward_hook(lambda mod, inp, out: seen.__setitem__('routed', out))
+    m.blocks[4].register_forward_pre_hook(lambda mod, inp: seen.__setitem__('after', inp[0]))
+    keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
+    orig = model_module.route_keep
+    model_module.route_keep = lambda B, N, n, device: keep
+    try:
+        m(z, t, ids, mask)
+    finally:
+        model_module.route_keep = orig
+    before, routed, after = seen['before'], seen['routed'], seen['after']
+    assert routed.shape == (2, 8, 32)
+    for b in range(2):
+        skipped = sorted(set(range(16)) - set(keep[b].tolist()))
+        assert torch.equal(after[b, skipped], before[b, skipped])   # skipped: exactly as they entered
+        assert torch.equal(after[b, keep[b]], routed[b])            # kept: back in their own places
+
+
+def test_kept_tokens_carry_their_own_rope_positions():
+    # attention is permutation-equivariant when positions travel with the tokens: the same kept set in another
+    # order must give the same result; RoPE by slot (0..n_keep-1) would not
+    m = tiny(route_ratio=0.5).train()
+    z, t, ids, mask = inputs()
+    keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
+    orig = model_module.route_keep
+    outs = []
+    try:
+        for k in (keep, keep.flip(1)):
+            model_module.route_keep = lambda B, N, n, device, k=k: k
+            outs.append(m(z, t, ids, mask)[0])
+    finally:
+        model_module.route_keep = orig
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_gradients_reach_every_token_under_routing():
+    m = tiny(route_ratio=0.75).train()
+    z, t, ids, mask = inputs()
+    z.requires_grad_(True)
+    m(z, t, ids, mask)[0].square().sum().backward()
+    per_token = torch.nn.functional.unfold(z.grad.abs(), 8, stride=8).sum(1)   # (B, N)
+    assert (per_token > 0).all()
+
+
+def test_repa_tap_sees_kept_tokens_inside_the_route():
+    m = tiny(route_ratio=0.5, repa_dim=24, repa_block=2).train()   # route blocks[2:3]... tap after 2 blocks
+    z, t, ids, mask = inputs()
+    _, (proj, keep) = m(z, t, ids, mask)
+    assert proj.shape == (2, 16, 24) and keep is None              # tap before the route: all tokens
+    m = tiny(route_ratio=0.5, repa_dim=24, repa_block=3).train()   # tap after block index 2: inside the route
+    _, (proj, keep) = m(z, t, ids, mask)
+    assert proj.shape == (2, 8, 24) and keep.shape == (2, 8)
+    _, (proj, keep) = m.eval()(z, t, ids, mask)
+    assert proj.shape == (2, 16, 24) and keep is None              # sampling is dense
+
+
+def test_empty_route_is_an_error():
+    with pytest.raises(ValueError, match=r'TREAD route blocks\[2:-1\] of 2 blocks is empty'):
+        DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, route_ratio=0.5, route_start=2, route_end=-1))

@@ -1,0 +1,59 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+from sample import guide
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_guidance_formulas():
+    d, u, r = torch.randn(3, 2, 3, 4, 4).unbind(0)
+    assert torch.equal(guide(d, u, r, 1.0, 1.0), d)
+    assert torch.allclose(guide(d, u, None, 4.0, 1.0), u + 4.0 * (d - u))          # classifier-free guidance
+    assert torch.allclose(guide(d, None, r, 1.0, 3.0), r + 3.0 * (d - r))          # self-guidance
+    assert torch.equal(guide(d, None, r, 1.0, 1.0), d)                             # w = 1: the dense prediction
+    assert torch.allclose(guide(d, None, r, 1.0, 0.0), r)                          # w = 0: the routed one
+    assert torch.allclose(guide(d, u, r, 2.0, 3.0), d + (d - u) + 2 * (d - r))     # combined
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def tiny_args(out):
+    return [f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1',
+            '--bottleneck=16', '--batch_size=8', '--num_workers=0', '--log_interval=1', '--sample_interval=0']
+
+
+def test_sample_writes_one_image_and_caption_per_prompt_in_order(tmp_path):
+    out = tmp_path / 'out'
+    r = run('train.py', *tiny_args(out), '--max_iters=2', '--n_layer=3', '--route_ratio=0.5', '--route_start=1')
+    assert r.returncode == 0, r.stderr
+    prompts = ['a small red circle in the center on a black background',
+               'a large blue square to the left of a small green triangle on a white background',
+               'a large cyan circle at the top on a gray background']
+    (tmp_path / 'p.txt').write_text('\n'.join(prompts) + '\n\n')
+    r = run('sample.py', f'--out_dir={out}', f'--prompts={tmp_path}/p.txt', '--num_steps=3', f'--samples_dir={tmp_path}/s',
+            '--sg_scale=2.0', '--cfg_scale=3.0')
+    assert r.returncode == 0, r.stderr
+    files = sorted(os.listdir(tmp_path / 's'))
+    assert files == ['00000.png', '00000.txt', '00001.png', '00001.txt', '00002.png', '00002.txt', 'grid.png']
+    assert [(tmp_path / 's' / f'{i:05d}.txt').read_text().strip() for i in range(3)] == prompts
+    from PIL import Image
+    assert Image.open(tmp_path / 's' / '00001.png').size == (64, 64)
+    r = run('sample.py', f'--out_dir={out}', '--prompt=a small red circle in the center on a black background',
+            '--num_steps=2', '--image_size=128', f'--samples_dir={tmp_path}/one')
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / 'one' / '00000.png').size == (128, 128)
+
+
+def test_sample_errors(tmp_path):
+    r = run('sample.py', f'--out_dir={tmp_path}', '--prompt=x')
+    assert r.returncode != 0 and 'no checkpoint' in r.stderr
+    r = run('sample.py', f'--out_dir={tmp_path}')
+    assert r.returncode != 0 and 'exactly one of' in r.stderr
+    r = run('sample.py', f'--out_dir={tmp_path}', f'--prompts={tmp_path}/none.txt')
+    assert r.returncode != 0 and 'no such file' in r.stderr
