@@ -117,13 +117,15 @@ class ByteTextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
                                            batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask):
         word = (ids == ord(' ')).cumsum(1).clamp(max=self.word.num_embeddings - 1)
         x = self.embed(ids) + self.word(word) + self.pos[:ids.shape[1]]
-        return self.norm(self.layers(x, src_key_padding_mask=~mask))
+        if self.layers is not None:
+            x = self.layers(x, src_key_padding_mask=~mask)
+        return self.norm(x)
 
 
 def tokenize_bytes(captions, max_len):
