@@ -6,7 +6,7 @@
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-python3 -c "import lpips" 2>/dev/null || pip install -q --no-deps wheels/lpips-*.whl
+python3 -c "import lpips" 2>/dev/null || python3 -m pip install -q --no-deps wheels/lpips-*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
 export OMP_NUM_THREADS=4
@@ -17,7 +17,7 @@ echo "=== 1. tests on CUDA (train.py picks cuda by default; the torchrun test is
 time timeout ${TEST_S:-170} python3 -m pytest -q tests -p no:cacheprovider -k "not torchrun" 2>&1 | tail -25
 
 echo "=== 2. mid-size shapes training, torchrun nccl 1 process, bf16 autocast"
-time timeout 150 torchrun --nproc_per_node=1 train.py --out_dir=/tmp/mid --image_size=128 --patch_size=16 \
+time timeout 240 torchrun --nproc_per_node=1 train.py --out_dir=/tmp/mid --image_size=128 --patch_size=16 \
     --bottleneck=128 --n_layer=8 --n_head=6 --n_embd=384 --text_dim=256 --batch_size=256 --max_iters=300 \
     --warmup_iters=50 --num_workers=8 --log_interval=50 --sample_interval=300 --ckpt_interval=0 --compile=True
 cp /tmp/mid/log.jsonl "$OUT/mid_log.jsonl"; cp /tmp/mid/samples_000300.png "$OUT/mid_samples.png"

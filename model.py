@@ -46,7 +46,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-6)
+        # weight in the input's dtype: under bf16 autocast a float32 weight rules out the fused kernel
+        return F.rms_norm(x, (x.shape[-1],), None if self.weight is None else self.weight.to(x.dtype), eps=1e-6)
 
 
 def modulate(x, shift, scale):

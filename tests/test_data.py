@@ -1,10 +1,15 @@
+import json
 import random
 import re
 
 import numpy as np
+import pytest
+import torch
+from PIL import Image
 
-from data import (BACKGROUNDS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, caption, eval_prompts, render,
-                  sample_scene, shapes_example)
+from data import (BACKGROUNDS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, ByteTextEncoder, FolderSource,
+                  HFTextEncoder, Mixture, StepBatches, caption, eval_prompts, load_text_encoder, render, sample_scene,
+                  shapes_example, tokenize_bytes)
 
 # ---- the shapes set ----
 
@@ -131,3 +136,96 @@ def test_eval_prompts_are_deterministic_and_mixed():
         if group != 'held_out':
             assert two == (group == 'two')
     assert len({c for c, _ in prompts}) > 150  # not a handful of repeats
+
+
+# ---- text encoders and loaders ----
+
+def test_tokenize_bytes_pads_to_the_batch_and_keeps_the_empty_caption_attendable():
+    ids, mask = tokenize_bytes(['ab', '', 'abcdef'], 96)
+    assert ids.shape == (3, 7) and ids[0, :3].tolist() == [BOS, 97, 98] and mask.sum(1).tolist() == [3, 1, 7]
+    assert tokenize_bytes(['x' * 200], 96)[0].shape == (1, 96)   # cut at max_len
+
+
+def test_byte_encoder_word_index_and_mask():
+    enc = ByteTextEncoder(16, 96, 1).eval()
+    ids, mask = tokenize_bytes(['a red circle', 'a red square on a'], 96)
+    out = enc(ids, mask)
+    assert out.shape == (2, ids.shape[1], 16)
+    # padding does not leak into real tokens
+    ids2 = ids.clone()
+    ids2[~mask] = 120
+    assert torch.allclose(enc(ids2, mask)[mask], out[mask], atol=1e-5)
+    # 'red' at the same byte positions but in another word slot gives other states (word index embedding)
+    a, ma = tokenize_bytes(['a red'], 96)
+    b, mb = tokenize_bytes(['aXred'], 96)
+    assert not torch.allclose(ByteTextEncoder(16, 96, 0)(a, ma)[0, 3], ByteTextEncoder(16, 96, 0)(b, mb)[0, 3])
+
+
+def tiny_t5():
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    return T5EncoderModel(cfg), ByT5Tokenizer()   # ByT5's tokenizer needs no vocabulary file
+
+
+def test_hf_encoder_offline_frozen_with_padding_mask():
+    model, tok = tiny_t5()
+    enc = HFTextEncoder('tiny-t5', 24, model=model, tokenizer=tok)
+    assert enc.dim == 32
+    states, mask = enc(['a red circle', 'a small blue square on the left'])
+    assert states.shape == (2, 24, 32) and mask.dtype == torch.bool
+    assert mask[0].sum() < mask[1].sum() <= 24                        # padding masked, max length held
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.encoder.training                                   # frozen: stays in eval mode
+    assert states.grad_fn is None
+
+
+def test_load_text_encoder_bytes_returns_ids():
+    ids, mask = load_text_encoder('bytes', 96)(['a red circle'])
+    assert ids.dtype == torch.long and mask.all() and ids[0, 0] == BOS
+
+
+def test_model_takes_frozen_states():
+    from model import DiT, DiTConfig
+    model, tok = tiny_t5()
+    enc = HFTextEncoder('tiny-t5', 24, model=model, tokenizer=tok)
+    dit = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim))
+    states, mask = enc(['a red circle', ''])
+    x, _ = dit(torch.randn(2, 3, 32, 32), torch.rand(2), states, mask)
+    assert x.shape == (2, 3, 32, 32) and dit.text_encoder is None
+
+
+def test_step_batches_split_over_processes_equals_accumulation():
+    src = Mixture({'shapes': 1.0}, 64, 0)
+    one = next(iter(StepBatches(src, 8, 4, rank=0, world=1, start_step=3)))          # 2 micro-batches
+    ranks = [next(iter(StepBatches(src, 8, 4, rank=r, world=2, start_step=3)))[0] for r in range(2)]
+    assert len(one) == 2 and [m for _, _, m in one] == [0, 1] and [m for _, _, m in ranks] == [0, 1]
+    for (u_a, c_a, _), (u_b, c_b, _) in zip(one, ranks):
+        assert torch.equal(u_a, u_b) and c_a == c_b
+    assert one[0][1][0] == shapes_example(0, 3 * 8, 64)[1]          # step 3 starts at global sample 24
+
+
+def test_dataloader_workers_keep_the_order():
+    src = Mixture({'shapes': 1.0}, 64, 0)
+    loader = torch.utils.data.DataLoader(StepBatches(src, 4, 4, 0, 1), batch_size=None, num_workers=2)
+    caps = [step[0][1] for _, step in zip(range(4), loader)]
+    assert caps == [[shapes_example(0, i, 64)[1] for i in range(s * 4, s * 4 + 4)] for s in range(4)]
+
+
+def test_folder_source_and_weighted_mixture(tmp_path):
+    for name, color, n in (('a', (255, 0, 0), 3), ('b', (0, 0, 255), 2)):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / 'metadata.jsonl', 'w') as f:
+            for i in range(n):
+                Image.new('RGB', (40 + i, 30), color).save(d / f'{i}.png')
+                f.write(json.dumps({'file_name': f'{i}.png', 'text': f'{name} {i}'}) + '\n')
+    img, cap = FolderSource(str(tmp_path / 'a'), 16)[1]
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8 and cap == 'a 1'
+    mix = Mixture({str(tmp_path / 'a'): 3.0, str(tmp_path / 'b'): 1.0}, 16, 0)
+    caps = [mix[i][1] for i in range(400)]
+    share = sum(c.startswith('a') for c in caps) / 400
+    assert 0.68 < share < 0.82 and caps == [mix[i][1] for i in range(400)]   # weighted and deterministic
+    with pytest.raises(FileNotFoundError, match='metadata.jsonl'):
+        FolderSource(str(tmp_path), 16)
