@@ -106,26 +106,39 @@ BOS = 256  # every byte caption starts with it, so even the empty caption has on
 
 class ByteTextEncoder(nn.Module):
     """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
-    Each byte also carries the index of its word (spaces before it): a word's bytes then find each other at once,
-    and a word's slot in the sentence is explicit, as a word tokenizer's positions would make it. Without it the
-    4-block shapes model all but ignored its captions in 1000 steps (2% correct, position at chance)."""
+    The bytes of each word (split at spaces) are embedded with their place in the word and averaged into one token,
+    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens. Measured
+    on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
+    word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
 
     def __init__(self, dim, max_len, n_layer, max_words=32):
         super().__init__()
         self.embed = nn.Embedding(257, dim)
-        self.word = nn.Embedding(max_words, dim)
-        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.char_pos = nn.Embedding(max_len, dim)   # place of a byte in its word
+        self.word_pos = nn.Embedding(max_words, dim)  # place of a word in the caption
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask):
-        word = (ids == ord(' ')).cumsum(1).clamp(max=self.word.num_embeddings - 1)
-        x = self.embed(ids) + self.word(word) + self.pos[:ids.shape[1]]
+        """ids, mask: (B, L) bytes -> (states (B, W, dim), word mask (B, W))."""
+        B, L = ids.shape
+        W = self.word_pos.num_embeddings
+        starts = (ids == ord(' ')) & mask
+        word = starts.cumsum(1).clamp(max=W - 1)                            # BOS joins the first word
+        idx = torch.arange(L, device=ids.device).expand(B, L)
+        start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+        x = (self.embed(ids) + self.char_pos(idx - start_at)) * mask[..., None]
+        w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype).scatter_add_(1, word[..., None].expand_as(x), x)
+        n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
+        x = w / n.clamp(min=1)[..., None] + self.word_pos.weight
+        word_mask = n > 0
+        used = int(word_mask.any(0).sum())                                  # words are numbered from 0: trim the rest
+        x, word_mask = x[:, :used], word_mask[:, :used]
         if self.layers is not None:
-            x = self.layers(x, src_key_padding_mask=~mask)
-        return self.norm(x)
+            x = self.layers(x, src_key_padding_mask=~word_mask)
+        return self.norm(x), word_mask
 
 
 def tokenize_bytes(captions, max_len):

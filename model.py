@@ -167,7 +167,9 @@ class DiT(nn.Module):
             raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
         h, w = H // p, W // p
         x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(h, w, self.cfg.n_embd, z.device)
-        txt = self.text_proj(self.text_encoder(text, text_mask) if self.text_encoder is not None else text)
+        if self.text_encoder is not None:
+            text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
+        txt = self.text_proj(text)
         c = self.t_embed(timestep_embedding(t * 1000, 256))
         cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
         cos, sin = cos_all, sin_all

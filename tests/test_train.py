@@ -88,3 +88,15 @@ def test_bad_batch_split_fails_clearly(tmp_path):
     r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, '--batch_size=10', '--micro_batch=4'],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and 'batch_size=10 is not a multiple of micro_batch=4' in r.stderr
+
+
+def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
+    train(tmp_path, '--max_iters=2', '--batch_size=4', '--optimizer=muon', '--muon_lr=1e-3')
+    c = ckpt(tmp_path)
+    names = list(c['model'].keys())
+    shapes = {k: v.shape for k, v in c['model'].items()}
+    muon = [k for k in names if k.startswith('blocks.') and len(shapes[k]) == 2]
+    adam_sd, muon_sd = c['optimizers']
+    assert len(muon_sd['param_groups'][0]['params']) == len(muon) > 0
+    assert len(adam_sd['param_groups'][0]['params']) == len(names) - len(muon)
+    assert all(len(s['momentum_buffer'].shape) == 2 for s in muon_sd['state'].values())

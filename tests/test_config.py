@@ -1,0 +1,42 @@
+"""config/*.py: every key is a train.py config key, and config/speedrun.py says RECIPE.md's numbers."""
+import ast
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_keys():
+    tree = ast.parse(open(os.path.join(ROOT, 'train.py')).read())
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def load(name):
+    scope = {}
+    exec(open(os.path.join(ROOT, 'config', name)).read(), scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_')}
+
+
+def test_every_config_key_is_a_train_key():
+    keys = train_keys()
+    for path in glob.glob(os.path.join(ROOT, 'config', '*.py')):
+        unknown = set(load(os.path.basename(path))) - keys
+        assert not unknown, (path, unknown)
+
+
+def test_speedrun_says_the_recipe():
+    c = load('speedrun.py')
+    assert (c['n_layer'], c['n_embd'], c['patch_size'], c['bottleneck']) == (24, 1024, 32, 256)
+    assert (c['image_size'], c['max_iters'], c['batch_size']) == (512, 100_000, 1024)
+    assert (c['lpips_weight'], c['dino_weight'], c['repa_weight'], c['repa_block']) == (0.1, 0.01, 0.5, 8)
+    assert c['repa_teacher'] == 'vit_large_patch16_dinov3' and c['dino_model'] == 'vit_base_patch14_reg4_dinov2'
+    assert (c['route_ratio'], c['route_start'], c['route_end']) == (0.5, 2, -1)
+    assert (c['optimizer'], c['muon_lr'], c['muon_momentum'], c['muon_adjust_lr']) == ('muon', 1e-4, 0.95, 'match_rms_adamw')
+    assert (c['learning_rate'], c['betas'], c['eps']) == (1e-4, (0.9, 0.95), 1e-8)
+    assert (c['ema_decay'], c['ema_interval'], c['ema_warmup']) == (0.999, 10, False)
+    assert c['text_encoder'] == 'google/t5gemma-2b-2b-ul2' and c['text_len'] == 256 and c['caption_dropout'] == 0.1
+    assert (c['t_mean'], c['t_std'], c['t_shift'], c['t_uniform']) == (0.0, 1.0, 3.0, 0.1)
+    assert list(c['data'].values()) == [1.7, 6.0, 1.0] and c['grad_clip'] == 0.2
+    s2 = {**c, **load('speedrun_1024.py')}
+    assert (s2['image_size'], s2['batch_size'], s2['max_iters'] - c['max_iters'], s2['repa_weight']) == (1024, 512, 20_000, 0.0)
+    assert s2['init_from'] == 'resume'
