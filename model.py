@@ -31,8 +31,8 @@ class DiTConfig:
     mlp_ratio: float = 4.0      # SwiGLU hidden = mlp_ratio * 2/3 * n_embd, the usual parameter match
     text_encoder: str = 'bytes'  # 'bytes': a small trainable byte transformer inside the model; else frozen states come in
     text_dim: int = 128         # width of the text states that enter the model
-    text_len: int = 96          # byte tokens (bytes encoder only)
-    text_layers: int = 0        # byte transformer depth (bytes encoder only)
+    text_len: int = 96          # max caption bytes (bytes encoder only)
+    text_layers: int = 0        # transformer layers over the bytes encoder's word tokens
     route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
     route_start: int = 2        # first routed block (0-indexed)
     route_end: int = -1         # routed blocks are blocks[route_start:route_end]: default to the penultimate block

@@ -44,7 +44,7 @@ num_workers = 1
 text_encoder = 'bytes'    # 'bytes' (trainable, no download) or a Hugging Face name, e.g. google/t5gemma-2b-2b-ul2
 text_len = 96
 text_dim = 128            # width of the bytes encoder (a Hugging Face encoder brings its own)
-text_layers = 0           # byte transformer layers; 0: the blocks read byte + word embeddings directly (README)
+text_layers = 0           # transformer layers over the pooled word tokens of the bytes encoder (README)
 caption_dropout = 0.1     # for classifier-free guidance
 # model
 patch_size = 8

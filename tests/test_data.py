@@ -146,19 +146,24 @@ def test_tokenize_bytes_pads_to_the_batch_and_keeps_the_empty_caption_attendable
     assert tokenize_bytes(['x' * 200], 96)[0].shape == (1, 96)   # cut at max_len
 
 
-def test_byte_encoder_word_index_and_mask():
-    enc = ByteTextEncoder(16, 96, 1).eval()
-    ids, mask = tokenize_bytes(['a red circle', 'a red square on a'], 96)
-    out = enc(ids, mask)
-    assert out.shape == (2, ids.shape[1], 16)
-    # padding does not leak into real tokens
-    ids2 = ids.clone()
-    ids2[~mask] = 120
-    assert torch.allclose(enc(ids2, mask)[mask], out[mask], atol=1e-5)
-    # 'red' at the same byte positions but in another word slot gives other states (word index embedding)
-    a, ma = tokenize_bytes(['a red'], 96)
-    b, mb = tokenize_bytes(['aXred'], 96)
-    assert not torch.allclose(ByteTextEncoder(16, 96, 0)(a, ma)[0, 3], ByteTextEncoder(16, 96, 0)(b, mb)[0, 3])
+def test_byte_encoder_pools_bytes_into_words():
+    torch.manual_seed(0)
+    enc = ByteTextEncoder(16, 96, 0).eval()
+    ids, mask = tokenize_bytes(['a red circle', 'a red square on the left', ''], 96)
+    states, words = enc(ids, mask)
+    assert states.shape == (3, 6, 16) and words.sum(1).tolist() == [3, 6, 1]   # trimmed to the longest caption
+    # a word's token depends on its own bytes and its place: 'a' and 'red' agree, 'circle' and 'square' do not
+    assert torch.allclose(states[0, :2], states[1, :2], atol=1e-6)
+    assert not torch.allclose(states[0, 2], states[1, 2], atol=1e-3)
+    # padding bytes do not leak into real words, with or without transformer layers
+    for n_layer in (0, 1):
+        e = ByteTextEncoder(16, 96, n_layer).eval()
+        ids2 = ids.clone()
+        ids2[~mask] = 120
+        assert torch.allclose(e(ids2, mask)[0][words], e(ids, mask)[0][words], atol=1e-5)
+    # the same word in another place is another token
+    a, b = enc(*tokenize_bytes(['red a', 'a red'], 96))[0]
+    assert not torch.allclose(a[0], b[1], atol=1e-3)
 
 
 def tiny_t5():
