@@ -2,7 +2,8 @@
 # The one prepared GPU session (BENCHMARKS.md): the tests on CUDA, a mid-size shapes training under torchrun
 # (nccl, one process), the speedrun model at 512px with every trick for a few steps (random-weight teachers,
 # shapes batches, the bytes text encoder instead of T5Gemma, which cannot be downloaded there), sampling with
-# self-guidance, and bench.py. Results go to $OUT (default /tmp/gpu_out).
+# self-guidance, and bench.py. Results go to $OUT (default /tmp/gpu_out). The GPU image lacks lpips: first, here,
+# `pip download lpips --no-deps -d wheels/` and carry wheels/ (git ignores it). Usage: gpu_check.sh [1|2|all].
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
