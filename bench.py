@@ -59,7 +59,7 @@ def build(variant, teacher):
 
 if __name__ == '__main__':
     from configurator import configure
-    config = configure(globals())
+    configure(globals())
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
     autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
     needs = set().union(*(WEIGHTS[v] for v in variants))

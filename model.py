@@ -100,7 +100,7 @@ class Block(nn.Module):
         self.mlp_out = nn.Linear(hidden, d)
         self.ada = nn.Linear(d, 6 * d)       # adaLN-zero (DiT): zero init makes every block start as the identity
 
-    def forward(self, x, c, txt, attn_mask, cos, sin):
+    def forward(self, x, c, txt, mask, cos, sin):
         B, N, D = x.shape
         H = self.n_head
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)
@@ -111,7 +111,7 @@ class Block(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         k = torch.cat([self.k_norm(kt), k], dim=2)
         v = torch.cat([vt, v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + gate1[:, None] * self.proj(y.transpose(1, 2).reshape(B, N, D))
         a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)
         return x + gate2[:, None] * self.mlp_out(F.silu(g) * a)
@@ -173,7 +173,7 @@ class DiT(nn.Module):
         c = self.t_embed(timestep_embedding(t * 1000, 256))
         cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
         cos, sin = cos_all, sin_all
-        mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], dim=1)[:, None, None]
+        mask = attn_mask(text_mask, h * w)
         route = (self.training if route is None else route) and self.cfg.route_ratio > 0
         keep, repa = None, None
         for i, block in enumerate(self.blocks):
@@ -184,7 +184,7 @@ class DiT(nn.Module):
                 keep = route_keep(B, x.shape[1], n_keep, x.device)
                 x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
                 cos, sin = cos_all[keep][:, None], sin_all[keep][:, None]               # (B, 1, n_keep, hd)
-                mask = torch.cat([text_mask, text_mask.new_ones(B, n_keep)], dim=1)[:, None, None]
+                mask = attn_mask(text_mask, n_keep)
             x = block(x, c, txt, mask, cos, sin)
             if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
                 repa = (self.repa_proj(x), keep)   # REPA: inside the route these are the kept tokens only
@@ -192,10 +192,15 @@ class DiT(nn.Module):
                 # TREAD: put the routed tokens back in their places; skipped ones come through untouched
                 x = x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
                 cos, sin, keep = cos_all, sin_all, None
-                mask = torch.cat([text_mask, text_mask.new_ones(B, h * w)], dim=1)[:, None, None]
+                mask = attn_mask(text_mask, h * w)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
         return F.fold(x.transpose(1, 2), (H, W), p, stride=p), repa
+
+
+def attn_mask(text_mask, n_image):
+    """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked, every image token seen."""
+    return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], dim=1)[:, None, None]
 
 
 def route_keep(B, N, n_keep, device):

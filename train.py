@@ -32,7 +32,7 @@ log_interval = 10
 sample_interval = 500     # write a grid of EMA samples every N steps (0 = never)
 ckpt_interval = 500       # and a checkpoint (always one at the end)
 init_from = 'scratch'     # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-max_iters = 1000          # ~13 minutes on 2 CPU cores
+max_iters = 1000          # ~10.5 minutes on 2 CPU cores (README)
 time_budget = 0.0         # seconds; stop early once the loop has run this long (0 = off): equal wall-clock ablations
 # data: {'shapes': 1.0} is the built-in set; other keys are folders with a metadata.jsonl, weighted
 data = {'shapes': 1.0}
