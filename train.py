@@ -275,4 +275,5 @@ if master:
     log.write(json.dumps(summary) + '\n')
     log.close()
 if ddp:
+    dist.barrier()  # every rank reaches teardown together: gloo aborts a rank whose peer is still busy
     dist.destroy_process_group()

@@ -134,6 +134,7 @@ def _dist_worker(rank, world, init_file, out_dir):
         # identical params and grads on every rank, as DDP leaves them
         params = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), DIST_SHAPES, steps=2)
         torch.save(params, os.path.join(out_dir, f'rank{rank}.pt'))
+        dist.barrier()  # teardown together: gloo aborts a rank whose peer is still busy (flaky SIGABRT)
     finally:
         dist.destroy_process_group()
 
