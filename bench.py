@@ -60,7 +60,7 @@ def build(variant, teacher):
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+    ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
     autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
     needs = set().union(*(WEIGHTS[v] for v in variants))
     teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if 'repa_weight' in needs else None
@@ -80,6 +80,7 @@ if __name__ == '__main__':
                 torch.cuda.reset_peak_memory_stats()
             cfg = {'t_mean': -0.8, 't_std': 0.8, 't_shift': 1.0, 't_uniform': 0.0, 'noise_scale': 1.0,
                    'lpips_weight': 0.0, 'dino_weight': 0.0, 'repa_weight': 0.0, 'patch_size': patch_size,
+                   'route_ratio': route_ratio if v in ('tread', 'all') else 0.0, 'loss_target': 'v',
                    **WEIGHTS[v]}
             gen = torch.Generator(device).manual_seed(0)
             for i in range(warmup + steps):

@@ -1,5 +1,5 @@
 """
-Data: the shapes set (SHAPES.md), text encoders, and loaders.
+Data: the shapes set (docs/shapes.md), text encoders, and loaders.
 """
 import itertools
 import json
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-# ---- the shapes set (../shared/SHAPES.md) ----
+# ---- the shapes set (docs/shapes.md) ----
 # A procedural caption/image set, deterministic by (seed, index). Its captions
 # have exactly checkable meaning: eval.py scores generated images against them.
 
@@ -98,47 +98,10 @@ def eval_prompts(n=200, seed=12345):
 
 # ---- text encoders ----
 # Both turn a list of captions into (text, mask): mask (B, L) bool, True = real token.
-# 'bytes' returns byte ids, embedded by the small trainable transformer that lives inside the model
-# (so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
+# 'bytes' returns byte ids, embedded by the small trainable ByteTextEncoder that lives inside the model (model.py,
+# so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
 
 BOS = 256  # every byte caption starts with it, so even the empty caption has one real token to attend to
-
-
-class ByteTextEncoder(nn.Module):
-    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
-    The bytes of each word (split at spaces) are embedded with their place in the word and averaged into one token,
-    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens. Measured
-    on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
-    word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
-
-    def __init__(self, dim, max_len, n_layer, max_words=32):
-        super().__init__()
-        self.embed = nn.Embedding(257, dim)
-        self.char_pos = nn.Embedding(max_len, dim)   # place of a byte in its word
-        self.word_pos = nn.Embedding(max_words, dim)  # place of a word in the caption
-        layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
-                                           batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, ids, mask):
-        """ids, mask: (B, L) bytes -> (states (B, W, dim), word mask (B, W))."""
-        B, L = ids.shape
-        W = self.word_pos.num_embeddings
-        starts = (ids == ord(' ')) & mask
-        word = starts.cumsum(1).clamp(max=W - 1)                            # BOS joins the first word
-        idx = torch.arange(L, device=ids.device).expand(B, L)
-        start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-        x = (self.embed(ids) + self.char_pos(idx - start_at)) * mask[..., None]
-        w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype).scatter_add_(1, word[..., None].expand_as(x), x)
-        n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
-        x = w / n.clamp(min=1)[..., None] + self.word_pos.weight
-        word_mask = n > 0
-        used = int(word_mask.any(0).sum())                                  # words are numbered from 0: trim the rest
-        x, word_mask = x[:, :used], word_mask[:, :used]
-        if self.layers is not None:
-            x = self.layers(x, src_key_padding_mask=~word_mask)
-        return self.norm(x), word_mask
 
 
 def tokenize_bytes(captions, max_len):

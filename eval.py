@@ -1,6 +1,6 @@
 """
 Prompt adherence on the shapes set, scored exactly as "Scoring" in
-../shared/SHAPES.md says (a small GenEval): does each object of the caption
+docs/shapes.md says (a small GenEval): does each object of the caption
 appear with its colour, shape, size and place?
 
     python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
@@ -18,7 +18,7 @@ from PIL import Image
 import data
 
 samples_dir = ''  # score the image/caption pairs in this folder
-out_dir = ''  # or sample from the checkpoint in this folder, then score
+out_dir = ''  # or sample from the checkpoint in this folder (or a .safetensors file from export.py), then score
 n = 200  # number of evaluation prompts when sampling (data.eval_prompts: 40% one, 40% two, 20% held-out)
 seed = 0
 # sampling settings when --out_dir is given (see sample.py)
@@ -36,6 +36,7 @@ dtype = ''   # default: bfloat16 on cuda, else float32
 # anti-aliased edge (a blend of background and one colour) comes to a third colour (95.5),
 # so edges are never read as another colour.
 _FAR = 60.0
+CHECKS = ('correct', 'background', 'color', 'shape', 'size', 'position')
 _RELATIONS = {'to the left of': 'left', 'to the right of': 'right', 'above': 'above', 'below': 'below'}
 _OBJECT = rf"a ({'|'.join(data.SIZES)}) ({'|'.join(data.COLORS)}) ({'|'.join(data.SHAPES)})"
 _BACKGROUND = rf" on a ({'|'.join(data.BACKGROUNDS)}) background"
@@ -57,7 +58,7 @@ def parse_caption(caption):
         return {'background': g[7], 'objects': [dict(size=g[0], color=g[1], shape=g[2]),
                                                 dict(size=g[4], color=g[5], shape=g[6])],
                 'relation': _RELATIONS[g[3]]}
-    raise ValueError(f'caption {caption!r} is not in the shapes grammar (SHAPES.md)')
+    raise ValueError(f'caption {caption!r} is not in the shapes grammar (docs/shapes.md)')
 
 
 def caption_group(caption):
@@ -104,7 +105,7 @@ def fitted_shape(region):
 
 def score_image(img, caption):
     """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every
-    object of the caption) and 'correct' (all four)."""
+    object of the caption), 'background', and 'correct' (all five)."""
     p = parse_caption(caption)
     R = img.shape[0]
     assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
@@ -138,6 +139,11 @@ def score_image(img, caption):
         else:
             (ax, ay), (bx, by) = centroids
             checks['position'] &= {'left': ax < bx, 'right': ax > bx, 'above': ay < by, 'below': ay > by}[p['relation']]
+    # background: the median pixel (per channel) is nearest to the named background; objects cover at most ~14%
+    # of the image, so the median is a background pixel whenever the background is right
+    median = np.median(img.reshape(-1, 3).astype(np.float32), axis=0)
+    nearest = min(data.BACKGROUNDS, key=lambda b: np.linalg.norm(median - np.array(data.BACKGROUNDS[b], np.float32)))
+    checks['background'] = nearest == p['background']
     checks = {k: bool(v) for k, v in checks.items()}
     return {**checks, 'correct': all(checks.values())}
 
@@ -149,7 +155,7 @@ def score(images, captions, groups):
     for group in ('one', 'two', 'held_out', 'all'):
         rs = [r for g, r in results if group in (g, 'all')]
         report[group] = {'n': len(rs), **{k: sum(r[k] for r in rs) / len(rs) if rs else None
-                                           for k in ('correct', 'color', 'shape', 'size', 'position')}}
+                                           for k in CHECKS}}
     return report
 
 
@@ -177,12 +183,13 @@ if __name__ == '__main__':
         torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
         model, encode, cfg = load_model(out_dir, device, use_ema)
         prompts = data.eval_prompts(n)
-        eval_dir = os.path.join(out_dir, 'eval')
+        run_dir = os.path.dirname(out_dir) if out_dir.endswith('.safetensors') else out_dir
+        eval_dir = os.path.join(run_dir, 'eval')
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
                       sg_scale, batch_size, seed, device, dtype)
         images, captions = load_dir(eval_dir)
         report = score(images, captions, [g for _, g in prompts])
-        with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+        with open(os.path.join(run_dir, 'eval.json'), 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
                                         use_ema=use_ema, seed=seed), **report}, f, indent=2)
     else:

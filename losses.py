@@ -31,10 +31,18 @@ def drop_captions(captions, p, gen):
     return ['' if d else c for c, d in zip(captions, drop.tolist())]
 
 
-def velocity_loss(x_pred, x, z, t, clip=0.05):
-    # JiT: clip 1 - t at 0.05 in the division, so the nearly clean end does not blow the loss up
-    d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
+V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly clean end does not blow up
+
+
+def velocity_loss(x_pred, x, z, t):
+    d = (1 - t).clamp_min(V_CLIP).view(-1, 1, 1, 1)
     return F.mse_loss((x_pred.float() - z) / d, (x - z) / d)
+
+
+def x_loss(x_pred, x):
+    # the velocity loss times (1 - t)^2: every noise level weighs the same in x, so the nearly clean samples (weight
+    # up to 400 in v) no longer drown the high-noise ones, the only ones that must read the caption
+    return F.mse_loss(x_pred.float(), x)
 
 
 def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net=None, repa_teacher=None):
@@ -47,8 +55,12 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net
     noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg['noise_scale']
     tb = t.view(-1, 1, 1, 1)
     z = tb * x + (1 - tb) * noise
-    x_pred, repa = model(z, t, text, text_mask)
-    loss = velocity_loss(x_pred, x, z, t)
+    # TREAD's draw comes from the same generator, after t and the noise (free, and the streams unchanged, when off)
+    p = cfg['patch_size']
+    route = (torch.rand(B, (x.shape[-2] // p) * (x.shape[-1] // p), generator=gen, device=x.device)
+             if cfg['route_ratio'] > 0 else None)
+    x_pred, repa = model(z, t, text, text_mask, route=route)
+    loss = velocity_loss(x_pred, x, z, t) if cfg['loss_target'] == 'v' else x_loss(x_pred, x)
     parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
     # perceptual losses compare the predicted clean image with the clean image, at every noise level
     if cfg['lpips_weight'] > 0:

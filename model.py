@@ -18,8 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ByteTextEncoder
-
 
 @dataclass
 class DiTConfig:
@@ -33,6 +31,8 @@ class DiTConfig:
     text_dim: int = 128         # width of the text states that enter the model
     text_len: int = 96          # max caption bytes (bytes encoder only)
     text_layers: int = 0        # transformer layers over the bytes encoder's word tokens
+    pred: str = 'x'             # what the network outputs: 'x' the clean image (JiT), or 'v' the velocity x - noise
+    text_pool: bool = False     # add the masked mean of the caption tokens to the adaLN conditioning (DiT, SD3)
     route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
     route_start: int = 2        # first routed block (0-indexed)
     route_end: int = -1         # routed blocks are blocks[route_start:route_end]: default to the penultimate block
@@ -117,16 +117,62 @@ class Block(nn.Module):
         return x + gate2[:, None] * self.mlp_out(F.silu(g) * a)
 
 
+class ByteTextEncoder(nn.Module):
+    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
+    The bytes of each word (split at spaces) are embedded with their place in the word and averaged into one token,
+    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens. Measured
+    on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
+    word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
+
+    def __init__(self, dim, max_len, n_layer, max_words=32):
+        super().__init__()
+        self.embed = nn.Embedding(257, dim)          # 256 byte values and BOS (data.tokenize_bytes)
+        self.char_pos = nn.Embedding(max_len, dim)   # place of a byte in its word
+        self.word_pos = nn.Embedding(max_words, dim)  # place of a word in the caption
+        layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids, mask):
+        """ids, mask: (B, L) bytes -> (states (B, W, dim), word mask (B, W))."""
+        B, L = ids.shape
+        W = self.word_pos.num_embeddings
+        starts = (ids == ord(' ')) & mask
+        word = starts.cumsum(1).clamp(max=W - 1)                            # BOS joins the first word
+        idx = torch.arange(L, device=ids.device).expand(B, L)
+        start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+        # a byte is bound to its place in the word by a product, not a sum: with a sum every word of one length
+        # shares one sum of place vectors, so 'circle' and 'square' were nearly the same token (README)
+        x = self.embed(ids) * self.char_pos(idx - start_at) * mask[..., None]
+        w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype).scatter_add_(1, word[..., None].expand_as(x), x)
+        n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
+        # sum / sqrt(bytes), not the mean: a word's content then weighs as much as its place in the caption
+        # (word_pos) whatever its length. Both changes: the tokens of 'circle' and 'square' in one caption slot had
+        # cosine 0.93 at init (sum and mean), now 0.60; 'large' and 'small' 0.93, now 0.54
+        x = w / n.clamp(min=1).sqrt()[..., None] + self.word_pos.weight
+        word_mask = n > 0
+        used = int(word_mask.any(0).sum())                                  # words are numbered from 0: trim the rest
+        x, word_mask = x[:, :used], word_mask[:, :used]
+        if self.layers is not None:
+            x = self.layers(x, src_key_padding_mask=~word_mask)
+        return self.norm(x), word_mask
+
+
 class DiT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         d, p = cfg.n_embd, cfg.patch_size
+        assert cfg.pred in ('x', 'v'), f"pred must be 'x' or 'v', got {cfg.pred!r}"
         assert d % cfg.n_head == 0 and (d // cfg.n_head) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
         self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False), nn.Linear(cfg.bottleneck, d))
         self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers) if cfg.text_encoder == 'bytes' else None
         self.text_proj = nn.Linear(cfg.text_dim, d)   # the one linear from the text encoder into the model
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        # the pooled caption joins the timestep in every block's modulation, as DiT's class embedding and SD3's pooled
+        # CLIP vector do: each token then knows the whole caption from the first block on, not only through attention
+        self.text_pool = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d)) if cfg.text_pool else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_out = RMSNorm(d, affine=False)
         self.ada_out = nn.Linear(d, 2 * d)
@@ -159,7 +205,9 @@ class DiT(nn.Module):
     def forward(self, z, t, text, text_mask, route=None):
         """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
         else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
-        route: TREAD on/off (default: on in training). Returns (x_pred, repa) where repa is None or
+        route: TREAD on/off (default: on in training), or the draw itself: a (B, h*w) tensor of uniform scores whose
+        lowest n_keep per sample are the kept tokens (training passes one from its per-micro-batch generator, so any
+        split over processes routes the same tokens; True draws from the global RNG). Returns (x_pred, repa) where repa is None or
         (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
         B, _, H, W = z.shape
         p = self.cfg.patch_size
@@ -171,17 +219,21 @@ class DiT(nn.Module):
             text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
         txt = self.text_proj(text)
         c = self.t_embed(timestep_embedding(t * 1000, 256))
+        if self.text_pool is not None:
+            m = text_mask[..., None].to(txt.dtype)
+            c = c + self.text_pool((txt * m).sum(1) / m.sum(1).clamp_min(1))   # (B, D)
         cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
         cos, sin = cos_all, sin_all
         mask = attn_mask(text_mask, h * w)
-        route = (self.training if route is None else route) and self.cfg.route_ratio > 0
+        scores = route if isinstance(route, torch.Tensor) else None
+        route = (self.training if route is None else scores is not None or route) and self.cfg.route_ratio > 0
         keep, repa = None, None
         for i, block in enumerate(self.blocks):
             if route and i == self.route.start:
                 # TREAD (Krause et al. 2025): per sample, a random subset of tokens skips the route unchanged;
                 # the kept ones carry their own RoPE positions through it
                 n_keep = max(1, round(x.shape[1] * (1 - self.cfg.route_ratio)))
-                keep = route_keep(B, x.shape[1], n_keep, x.device)
+                keep = route_keep(torch.rand(B, x.shape[1], device=x.device) if scores is None else scores, n_keep)
                 x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
                 cos, sin = cos_all[keep][:, None], sin_all[keep][:, None]               # (B, 1, n_keep, hd)
                 mask = attn_mask(text_mask, n_keep)
@@ -195,7 +247,13 @@ class DiT(nn.Module):
                 mask = attn_mask(text_mask, h * w)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
-        return F.fold(x.transpose(1, 2), (H, W), p, stride=p), repa
+        out = F.fold(x.transpose(1, 2), (H, W), p, stride=p)
+        if self.cfg.pred == 'v':
+            # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise, so
+            # x = z_t + (1-t) v): the loss and the sampler stay the same, and the velocity loss is then the plain
+            # MSE on v for t < 0.95. JiT's claim is that predicting x itself is what works in pixel space.
+            out = z + (1 - t).view(-1, 1, 1, 1) * out
+        return out, repa
 
 
 def attn_mask(text_mask, n_image):
@@ -203,9 +261,10 @@ def attn_mask(text_mask, n_image):
     return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], dim=1)[:, None, None]
 
 
-def route_keep(B, N, n_keep, device):
-    """TREAD: the indices of the n_keep tokens (of N) that go through the route, drawn at random per sample."""
-    return torch.rand(B, N, device=device).argsort(dim=1)[:, :n_keep]
+def route_keep(scores, n_keep):
+    """TREAD: the indices (B, n_keep) of the tokens that go through the route: per sample, the n_keep lowest of
+    uniform scores (B, N), i.e. a random subset."""
+    return scores.argsort(dim=1)[:, :n_keep]
 
 
 def timestep_embedding(t, dim, max_period=10000):

@@ -6,18 +6,20 @@ Sample from a trained checkpoint with Euler steps, classifier-free guidance and/
 
 Writes samples_dir/00000.png and 00000.txt (its caption) per prompt, in order, and grid.png.
 """
+import json
 import math
 import os
+import pickle
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from losses import shift_t
+from losses import V_CLIP, shift_t
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'           # where ckpt.pt is
+out_dir = 'out'           # where ckpt.pt is, or a .safetensors file from export.py
 samples_dir = ''          # default: out_dir/samples
 prompt = ''               # one caption ...
 prompts = ''              # ... or a file of captions, one a line
@@ -66,7 +68,7 @@ def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, n
             x = model(z, t, text, mask, route=False)[0].float()
         if sg_scale != 1:
             x_routed = model(z, t, text[:B], mask[:B], route=True)[0].float()
-        v = (guide(x, x_uncond, x_routed, cfg_scale, sg_scale) - z) / (1 - ts[i]).clamp_min(0.05)  # JiT: the same clip as in training
+        v = (guide(x, x_uncond, x_routed, cfg_scale, sg_scale) - z) / (1 - ts[i]).clamp_min(V_CLIP)  # as in training
         z = z + (ts[i + 1] - ts[i]) * v
         if progress:
             print(f'\rsampling: step {i + 1}/{steps}', end='', file=sys.stderr, flush=True)
@@ -90,17 +92,41 @@ def save_grid(imgs, path):
     Image.fromarray(grid).save(path)
 
 
-def load_model(out_dir, device, use_ema=True):
-    """The checkpoint's model (EMA weights by default), its text encoder's encode(), and its training config."""
+def load_checkpoint(path):
+    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from someone
+    else cannot run code while it is read (a full unpickle can)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f'{path}: refused, it holds more than tensors and plain types (weights_only=True): '
+                         f'{str(e).splitlines()[0]}')
+
+
+# the training config values that sampling needs; export.py writes these beside the weights
+SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_scale')
+
+
+def load_model(source, device, use_ema=True):
+    """The model (EMA weights by default), its text encoder's encode(), and the config sampling needs, from a run's
+    folder (its ckpt.pt) or from a .safetensors file written by export.py."""
     from data import load_text_encoder
     from model import DiT, DiTConfig
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
-        raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={out_dir})')
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    model = DiT(DiTConfig(**ckpt['model_args']))
-    model.load_state_dict(ckpt['ema' if use_ema else 'model'])
-    cfg = ckpt['config']
+    if source.endswith('.safetensors'):
+        from safetensors import safe_open
+        if not os.path.isfile(source):
+            raise SystemExit(f'no such file: {source}')
+        with safe_open(source, 'pt') as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model_args, cfg = json.loads(meta['model_args']), json.loads(meta['config'])
+    else:
+        path = os.path.join(source, 'ckpt.pt')
+        if not os.path.isfile(path):
+            raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={source})')
+        ckpt = load_checkpoint(path)
+        model_args, cfg, state = ckpt['model_args'], ckpt['config'], ckpt['ema' if use_ema else 'model']
+    model = DiT(DiTConfig(**model_args))
+    model.load_state_dict(state)
     dt = torch.bfloat16 if device.startswith('cuda') else torch.float32
     encode = load_text_encoder(cfg['text_encoder'], cfg['text_len'], device, dt)
     return model.to(device).eval(), encode, cfg
@@ -110,7 +136,7 @@ def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_sc
                   device, dtype):
     """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png)."""
     os.makedirs(samples_dir, exist_ok=True)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
     gen = torch.Generator(device).manual_seed(seed)
     out = []
     for start in range(0, len(captions), batch_size):
@@ -130,6 +156,9 @@ def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_sc
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
+    for key, value in (('num_steps', num_steps), ('batch_size', batch_size)):
+        if value < 1:
+            raise SystemExit(f'config error: {key}={value}, want an integer >= 1')
     if bool(prompt) == bool(prompts):
         raise SystemExit('give exactly one of --prompt="a caption" or --prompts=FILE (one caption a line)')
     if prompts:
@@ -142,7 +171,8 @@ if __name__ == '__main__':
         captions = [prompt]
     torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
     model, encode, cfg = load_model(out_dir, device, use_ema)
-    samples_dir = samples_dir or os.path.join(out_dir, 'samples')
+    samples_dir = samples_dir or os.path.join(os.path.dirname(out_dir) if out_dir.endswith('.safetensors') else out_dir,
+                                              'samples')
     sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps, cfg_scale,
                   sg_scale, batch_size, seed, device, dtype)
     print(f'wrote {len(captions)} images to {samples_dir}')

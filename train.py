@@ -12,9 +12,9 @@ import json
 import math
 import os
 import resource
+import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -24,20 +24,22 @@ from data import Mixture, StepBatches, load_text_encoder, to_model_images
 from losses import diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
 from muon import Muon
+from sample import load_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
 log_interval = 10
-sample_interval = 500     # write a grid of EMA samples every N steps (0 = never)
-ckpt_interval = 500       # and a checkpoint (always one at the end)
-init_from = 'scratch'     # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-max_iters = 1000          # ~10.5 minutes on 2 CPU cores (README)
+sample_interval = 1000    # write a grid of EMA samples every N steps (0 = never)
+ckpt_interval = 1000      # and a checkpoint (always one at the end)
+keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are also kept as ckpt_0001000.pt, ...
+init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage from its weights
+max_iters = 8000          # ~10 minutes on 2 CPU cores (README)
 time_budget = 0.0         # seconds; stop early once the loop has run this long (0 = off): equal wall-clock ablations
 # data: {'shapes': 1.0} is the built-in set; other keys are folders with a metadata.jsonl, weighted
 data = {'shapes': 1.0}
 image_size = 64
-batch_size = 128          # global batch, over all processes and accumulation steps
+batch_size = 16           # global batch, over all processes and accumulation steps (README: more updates win)
 micro_batch = 0           # images per process per forward; 0 = batch_size / processes (no accumulation)
 num_workers = 1
 # text
@@ -45,6 +47,7 @@ text_encoder = 'bytes'    # 'bytes' (trainable, no download) or a Hugging Face n
 text_len = 96
 text_dim = 128            # width of the bytes encoder (a Hugging Face encoder brings its own)
 text_layers = 0           # transformer layers over the pooled word tokens of the bytes encoder (README)
+text_pool = True          # the mean caption token joins the timestep in adaLN (model.py; the speedrun: off)
 caption_dropout = 0.1     # for classifier-free guidance
 # model
 patch_size = 8
@@ -54,11 +57,13 @@ n_head = 4
 n_embd = 128
 mlp_ratio = 4.0
 # diffusion (t = 1 is clean, see losses.py)
-t_mean = -0.8             # JiT's logit-normal t
-t_std = 0.8
-t_shift = 1.0             # shift toward noise, also used by the sampler
-t_uniform = 0.0           # fraction of t drawn uniformly
+t_mean = 0.0              # logit-normal t: sigmoid(N(t_mean, t_std)) (JiT: -0.8, 0.8; the speedrun: 0, 1)
+t_std = 1.0
+t_shift = 10.0            # shift toward noise, also used by the sampler (the speedrun: 3; README: flat images need more)
+t_uniform = 0.1           # fraction of t drawn uniformly (the speedrun: 0.1)
 noise_scale = 1.0         # JiT: res / 256 at high resolution
+loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at 0.05); 'x': MSE on the clean image (losses.py)
+pred = 'x'                # the network predicts 'x' (JiT) or 'v' (velocity); the loss is on velocity either way
 # TREAD token routing (model.py)
 route_ratio = 0.0
 route_start = 2
@@ -81,15 +86,23 @@ muon_lr = 1e-3
 muon_momentum = 0.95
 muon_weight_decay = 0.0
 muon_adjust_lr = 'match_rms_adamw'
-warmup_iters = 100
+warmup_iters = 300
+cooldown_iters = 0        # LR falls linearly to 0 over the last N steps (0 = constant to the end, the speedrun's)
 grad_clip = 1.0
+max_bad_steps = 10        # steps with a non-finite loss or gradient are skipped; this many in a row stop the run
+fault_nan_step = 0        # tests: make the loss NaN at this step (0 = never)
 # EMA
 ema_decay = 0.999
 ema_interval = 1          # update every N steps (the speedrun: 10)
-ema_warmup = True         # decay min(ema_decay, (1+n)/(10+n)) after n updates: short runs need it (SHAPES.md)
+ema_warmup = True         # decay min(ema_decay, (1+n)/(10+n)) after n updates: short runs need it (README)
 # sampling during training
 sample_steps = 25
 cfg_scale = 4.0
+# learning curve: score the EMA model every eval_interval steps on eval_n fixed prompts of eval.py (shapes set only);
+# rows go to log.jsonl, their time is kept out of ms_per_step, and training is unchanged (its RNG is untouched)
+eval_interval = 1000      # 0 = off
+eval_n = 50
+eval_steps = 20           # Euler steps per sample
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
@@ -98,12 +111,53 @@ seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
-for key, value, choices in (('init_from', init_from, ('scratch', 'resume')), ('optimizer', optimizer, ('adamw', 'muon')),
-                            ('dtype', dtype, ('float32', 'bfloat16', 'float16'))):
-    if value not in choices:
-        raise SystemExit(f'config error: {key}={value!r}, want one of {choices}')
-if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
-    raise SystemExit(f'config error: init_from=resume but there is no {out_dir}/ckpt.pt')
+
+
+def config_errors():
+    """Every mistake of the config that would otherwise surface as a traceback deep in the model, or not at all."""
+    errors = [f'{key}={value!r}, want one of {choices}' for key, value, choices in (
+        ('optimizer', optimizer, ('adamw', 'muon')),
+        ('dtype', dtype, ('float32', 'bfloat16', 'float16')), ('pred', pred, ('x', 'v')), ('loss_target', loss_target, ('v', 'x'))) if value not in choices]
+    for key, value, low in (('batch_size', batch_size, 1), ('micro_batch', micro_batch, 0), ('max_iters', max_iters, 0), ('keep_ckpts', keep_ckpts, 1), ('max_bad_steps', max_bad_steps, 1),
+                            ('warmup_iters', warmup_iters, 1), ('cooldown_iters', cooldown_iters, 0), ('ema_interval', ema_interval, 1), ('n_layer', n_layer, 1),
+                            ('patch_size', patch_size, 1), ('image_size', image_size, 1), ('eval_n', eval_n, 1),
+                            ('eval_steps', eval_steps, 1), ('sample_steps', sample_steps, 1)):
+        if value < low:
+            errors.append(f'{key}={value}, want an integer >= {low}')
+    if patch_size >= 1 and image_size % patch_size:
+        errors.append(f'image_size={image_size} is not a multiple of patch_size={patch_size} '
+                      f'(try {max(patch_size, image_size // patch_size * patch_size)})')
+    if n_head < 1 or n_embd % n_head or (n_embd // n_head) % 4:
+        errors.append(f'n_embd={n_embd} / n_head={n_head}: the head dimension must be a whole multiple of 4 '
+                      f'(2D RoPE splits it into row and column halves of cos/sin pairs)')
+    if not 0 <= route_ratio < 1:
+        errors.append(f'route_ratio={route_ratio}, want 0 (off) <= route_ratio < 1')
+    elif route_ratio > 0 and n_layer >= 1 and len(range(n_layer)[route_start:route_end]) == 0:
+        errors.append(f'route_start={route_start}, route_end={route_end}: the TREAD route blocks[{route_start}:{route_end}] '
+                      f'of {n_layer} blocks is empty')
+    if repa_weight > 0 and not 1 <= repa_block <= n_layer:
+        errors.append(f'repa_block={repa_block} is outside the model: REPA taps after block 1..n_layer={n_layer}')
+    if not isinstance(data, dict) or not data:
+        errors.append(f"data={data!r}, want {{'shapes': 1.0}} or {{folder: weight, ...}}")
+    else:
+        errors += [f'data source {k!r} does not exist (want a folder, or the built-in \'shapes\')'
+                   for k in data if k != 'shapes' and not os.path.isdir(k)]
+        errors += [f'data weight {k!r}: {w!r}, want a number > 0' for k, w in data.items()
+                   if not isinstance(w, (int, float)) or w <= 0]
+    if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
+        errors.append(f'init_from=resume but there is no {out_dir}/ckpt.pt')
+    elif init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
+        errors.append(f"init_from={init_from!r}: want 'scratch', 'resume' or the path of a checkpoint file, "
+                      'and there is no such file')
+    elif init_from not in ('scratch', 'resume') and os.path.abspath(init_from) == os.path.abspath(
+            os.path.join(out_dir, 'ckpt.pt')):
+        errors.append(f'init_from={init_from!r} is out_dir\'s own checkpoint, which this run would overwrite: '
+                      "use init_from='resume' to continue it, or another out_dir for a new stage")
+    return errors
+
+
+if errors := config_errors():
+    raise SystemExit('config error: ' + '\nconfig error: '.join(errors))
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -120,9 +174,12 @@ micro = micro_batch or batch_size // world
 if batch_size % (micro * world):
     raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x {world} processes')
 accum = batch_size // (micro * world)
-torch.manual_seed(seed + rank)
+# Training draws nothing from the global RNG: t, noise, caption dropout and TREAD's route come from each
+# micro-batch's own generator (the loop below), so a checkpoint needs no RNG state and a resume on any number of
+# processes continues exactly. The seed fixes the initial weights (DDP copies rank 0's to the others anyway).
+torch.manual_seed(seed)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,13 +192,18 @@ encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_typ
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
 model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   mlp_ratio=mlp_ratio, text_encoder=text_encoder, text_len=text_len, text_layers=text_layers,
-                  text_dim=text_dim if text_encoder == 'bytes' else encode.dim, route_ratio=route_ratio,
+                  text_dim=text_dim if text_encoder == 'bytes' else encode.dim, text_pool=text_pool, pred=pred, route_ratio=route_ratio,
                   route_start=route_start, route_end=route_end, repa_block=repa_block,
                   repa_dim=teacher.num_features if teacher is not None else 0)
-ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False) if init_from == 'resume' else None
-if ckpt is not None:  # the architecture comes from the checkpoint; routing and the REPA tap may change per stage
-    model_args = {**ckpt['model_args'], **{k: model_args[k] for k in ('route_ratio', 'route_start', 'route_end',
-                                                                      'repa_block')}}
+ckpt = None
+if init_from != 'scratch':  # 'resume' continues out_dir's run; a path starts a new stage from that checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
+    # routing, the REPA tap and REPA itself may change between stages; everything else is the checkpoint's shape
+    differ = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
+              if k not in ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim') and model_args.get(k) != v]
+    if differ:
+        raise SystemExit(f'config error: init_from={init_from}: the model differs from the checkpoint\'s: '
+                         + ', '.join(differ))
 raw = DiT(DiTConfig(**model_args)).to(device)
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
@@ -155,19 +217,27 @@ opts = [torch.optim.AdamW([p for n, p in named if n not in muon_names], lr=learn
 if optimizer == 'muon':
     opts.append(Muon([p for n, p in named if n in muon_names], lr=muon_lr, momentum=muon_momentum, nesterov=True,
                      weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
-if raw.repa_proj is not None and repa_weight == 0:
-    raw.repa_proj.requires_grad_(False)  # stage 2 turns REPA off: the projector stays, out of DDP's way
 for opt in opts:
     for g in opt.param_groups:
         g['base_lr'] = g['lr']
 
 step = 0
 if ckpt is not None:
+    repa_keys = [k for k in ckpt['model'] if k.startswith('repa_proj.')]
+    if raw.repa_proj is None and repa_keys:
+        # stage 2 turns REPA off: the projector is dropped, with its Adam state (its parameters are Adam's last)
+        for sd in (ckpt['model'], ckpt['ema']):
+            for k in repa_keys:
+                del sd[k]
+        group = ckpt['optimizers'][0]['param_groups'][0]
+        for i in group['params'][-len(repa_keys):]:
+            ckpt['optimizers'][0]['state'].pop(i, None)
+        group['params'] = group['params'][:-len(repa_keys)]
     raw.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
     for opt, sd in zip(opts, ckpt['optimizers']):
         opt.load_state_dict(sd)
-    step, rng = ckpt['step'], ckpt['rng']
+    step = ckpt['step']
     del ckpt
 model = torch.compile(raw) if compile else raw
 if ddp:
@@ -176,10 +246,6 @@ if ddp:
 loader = iter(torch.utils.data.DataLoader(
     StepBatches(Mixture(data, image_size, seed), batch_size, micro, rank, world, start_step=step),
     batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0))
-if init_from == 'resume':  # last: making the loader's iterator above draws from the global RNG
-    torch.set_rng_state(rng['cpu'])
-    if device_type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
 if master:
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
           f'= batch {batch_size} | {device} {dtype}')
@@ -193,11 +259,34 @@ def update_ema(n_updates):
 
 def save_checkpoint():
     torch.save({'model': raw.state_dict(), 'ema': ema.state_dict(), 'optimizers': [o.state_dict() for o in opts],
-                'step': step, 'config': config, 'model_args': model_args,
-                'rng': {'cpu': torch.get_rng_state(),
-                        'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}},
+                'step': step, 'config': config, 'model_args': model_args},
                os.path.join(out_dir, 'ckpt.pt.tmp'))
     os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))  # never a half-written ckpt
+    if keep_ckpts > 1:   # hard links: no copy, and deleting an old name never touches ckpt.pt
+        kept = os.path.join(out_dir, f'ckpt_{step:07d}.pt')
+        if not os.path.exists(kept):
+            os.link(os.path.join(out_dir, 'ckpt.pt'), kept)
+        for old in sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))[:-keep_ckpts]:
+            os.remove(os.path.join(out_dir, old))
+
+
+def eval_curve():
+    from eval import score
+    from sample import generate, to_uint8
+    from data import eval_prompts
+    prompts = eval_prompts(eval_n)
+    captions = [c for c, _ in prompts]
+    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), autocast:
+        gen = torch.Generator(device).manual_seed(seed)
+        imgs = generate(ema, encode, captions, image_size, eval_steps, cfg_scale, 1.0, t_shift, noise_scale, gen)
+    report = score(to_uint8(imgs), captions, [g for _, g in prompts])
+    row = {'step': step, 'eval': {g: {k: round(v, 3) for k, v in r.items() if v is not None} for g, r in report.items()}}
+    print(f"eval step {step}: correct {report['all']['correct']:.0%} (one {report['one']['correct']:.0%}, two "
+          f"{report['two']['correct']:.0%}, held-out {report['held_out']['correct']:.0%}) | " +
+          ' '.join(f"{k} {report['all'][k]:.0%}" for k in ('background', 'color', 'shape', 'size', 'position')),
+          flush=True)
+    log.write(json.dumps(row) + '\n')
+    log.flush()
 
 
 def write_sample_grid():
@@ -214,15 +303,36 @@ def write_sample_grid():
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 t_start = t_log = time.time()
 steps_since_log = 0
-while step < max_iters and not (time_budget and time.time() - t_start > time_budget):
-    lr_mult = min(1.0, (step + 1) / warmup_iters)  # linear warmup, then constant
+bad_steps = bad_in_row = 0
+signalled = []  # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: signalled.append(signum))
+
+
+def stop_now():
+    """One answer for every rank: a signal on any rank, or rank 0's clock past time_budget (each rank's own clock
+    could stop them at different steps and hang the last collectives). Returns None, 'signal' or 'time_budget'."""
+    code = 2.0 if signalled else 1.0 if master and time_budget > 0 and time.time() - t_start > time_budget else 0.0
+    if ddp:
+        flag = torch.tensor([code], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)   # one float a step: nothing next to the gradients' all-reduce
+        code = flag.item()
+    return {0.0: None, 1.0: 'time_budget', 2.0: 'signal'}[code]
+
+
+stopped_by = None
+while step < max_iters and not (stopped_by := stop_now()):
+    # linear warmup, then constant; a linear cooldown to 0 over the last cooldown_iters steps if set (WSD, Hagele
+    # et al. 2024: a short run ends sharper for it)
+    lr_mult = min(1.0, (step + 1) / warmup_iters, (max_iters - step) / cooldown_iters if cooldown_iters else 1.0)
     for opt in opts:
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_mult
     parts_sum = {}
     for k, (u8, captions, m) in enumerate(next(loader)):
-        # every random draw of the step comes from this micro-batch's own generator, so 1 process with accumulation
-        # and N processes see the same noise; TREAD's routing (model.py) uses the global, per-rank RNG
+        # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
+        # generator, seeded by (seed, step, micro-batch index m): 1 process with accumulation and N processes see the
+        # same draws, and each micro-batch (so each rank) other ones
         gen = torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4096 + m)
         x = to_model_images(u8.to(device, non_blocking=True))
         text, text_mask = encode(drop_captions(captions, caption_dropout, gen))
@@ -230,17 +340,32 @@ while step < max_iters and not (time_budget and time.time() - t_start > time_bud
             model.require_backward_grad_sync = k == accum - 1
         with autocast:
             loss, parts = diffusion_loss(model, x, text, text_mask, gen, config, lpips_net, dino_net, teacher)
+        if step + 1 == fault_nan_step:
+            loss = loss * float('nan')
         (loss / accum).backward()
         for name, v in parts.items():
             parts_sum[name] = parts_sum.get(name, 0) + v / accum
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+    # A non-finite loss or gradient skips the update. DDP has all-reduced the gradients, so every rank sees the
+    # same norm and skips together; the step still counts (its batch is spent). One host sync a step.
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        for opt in opts:
+            opt.step()
+        bad_in_row = 0
+    else:
+        bad_steps, bad_in_row = bad_steps + 1, bad_in_row + 1
+        if master:
+            print(f'step {step + 1}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
+            log.write(json.dumps({'step': step + 1, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
+        if bad_in_row >= max_bad_steps:
+            raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients (max_bad_steps='
+                             f'{max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
     for opt in opts:
-        opt.step()
         opt.zero_grad(set_to_none=True)
     step += 1
     steps_since_log += 1
-    if step % ema_interval == 0:
+    if finite and step % ema_interval == 0:
         update_ema(step // ema_interval - 1)
     if master and (step % log_interval == 0 or step == max_iters):
         dt = time.time() - t_log
@@ -251,6 +376,9 @@ while step < max_iters and not (time_budget and time.time() - t_start > time_bud
         log.write(json.dumps(row) + '\n')
         log.flush()
         t_log, steps_since_log = time.time(), 0
+    if master and eval_interval and (step % eval_interval == 0 or step == max_iters):
+        eval_curve()
+        t_log = time.time()  # keep ms_per_step a training number
     if master and sample_interval and step % sample_interval == 0:
         write_sample_grid()
         t_log = time.time()  # keep ms_per_step a training number
@@ -259,6 +387,8 @@ while step < max_iters and not (time_budget and time.time() - t_start > time_bud
         t_log = time.time()
 
 summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
+if stopped_by:
+    summary['stopped_by'] = stopped_by   # resume with --init_from=resume
 if ddp:  # a cheap desync check: every rank must hold rank 0's weights
     flat = torch.cat([p.detach().flatten() for p in raw.parameters()])
     ref = flat.clone()

@@ -1,4 +1,4 @@
-# The 24-hour speedrun recipe (../shared/RECIPE.md), stage 1: 512px, 100k steps at global batch 1024.
+# The 24-hour speedrun recipe (docs/recipe.md), stage 1: 512px, 100k steps at global batch 1024.
 #   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 train.py config/speedrun.py
 # then stage 2 (1024px, REPA off) resumes from it:
 #   torchrun ... train.py config/speedrun.py config/speedrun_1024.py
@@ -26,6 +26,7 @@ mlp_ratio = 4.0
 text_encoder = 'google/t5gemma-2b-2b-ul2'
 text_len = 256
 caption_dropout = 0.1
+text_pool = False         # the speedrun conditions adaLN on the timestep only
 # time sampling: sigmoid(N(0, 1)), shifted 3x toward noise, 10% uniform. The shift plays the role of
 # JiT's noise_scale at high resolution, so the noise stays unit
 t_mean = 0.0
@@ -33,6 +34,8 @@ t_std = 1.0
 t_shift = 3.0
 t_uniform = 0.1
 noise_scale = 1.0
+pred = 'x'                # JiT: the network predicts the clean image, the loss is on velocity
+loss_target = 'v'
 # TREAD: 50% of image tokens skip from block 2 to the penultimate block
 route_ratio = 0.5
 route_start = 2
@@ -61,5 +64,6 @@ ema_decay = 0.999
 ema_interval = 10
 ema_warmup = False
 sample_steps = 50
+eval_interval = 0         # the shapes-set learning curve means nothing on real data
 cfg_scale = 4.0
 compile = True

@@ -1,4 +1,4 @@
-"""config/*.py: every key is a train.py config key, and config/speedrun.py says RECIPE.md's numbers."""
+"""config/*.py: every key is a train.py config key, and config/speedrun.py says the recipe's numbers (docs/recipe.md)."""
 import ast
 import glob
 import os
@@ -37,6 +37,7 @@ def test_speedrun_says_the_recipe():
     assert c['text_encoder'] == 'google/t5gemma-2b-2b-ul2' and c['text_len'] == 256 and c['caption_dropout'] == 0.1
     assert (c['t_mean'], c['t_std'], c['t_shift'], c['t_uniform']) == (0.0, 1.0, 3.0, 0.1)
     assert list(c['data'].values()) == [1.7, 6.0, 1.0] and c['grad_clip'] == 0.2
+    assert c['text_pool'] is False and c['pred'] == 'x' and c['loss_target'] == 'v'   # not the shapes default's
     s2 = {**c, **load('speedrun_1024.py')}
     assert (s2['image_size'], s2['batch_size'], s2['max_iters'] - c['max_iters'], s2['repa_weight']) == (1024, 512, 20_000, 0.0)
-    assert s2['init_from'] == 'resume'
+    assert s2['init_from'] == 'out-speedrun/ckpt.pt' and s2['out_dir'] != c['out_dir']

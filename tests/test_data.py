@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BACKGROUNDS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, ByteTextEncoder, FolderSource,
+from data import (BACKGROUNDS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, FolderSource,
                   HFTextEncoder, Mixture, StepBatches, caption, eval_prompts, load_text_encoder, render, sample_scene,
                   shapes_example, tokenize_bytes)
+from model import ByteTextEncoder
 
 # ---- the shapes set ----
 
@@ -164,6 +165,21 @@ def test_byte_encoder_pools_bytes_into_words():
     # the same word in another place is another token
     a, b = enc(*tokenize_bytes(['red a', 'a red'], 96))[0]
     assert not torch.allclose(a[0], b[1], atol=1e-3)
+
+
+def test_byte_encoder_tells_words_of_one_length_apart():
+    # a byte is bound to its place in the word by a product and a word's content weighs as much as its slot: with a
+    # sum of byte and place vectors, averaged, these pairs had cosine 0.93 at init and the model drew circles and
+    # squares alike (README)
+    torch.manual_seed(0)
+    enc = ByteTextEncoder(128, 96, 0).eval()
+    caps = [f'a {size} red {shape} in the center on a gray background'
+            for size, shape in (('large', 'circle'), ('large', 'square'), ('large', 'triangle'), ('small', 'circle'))]
+    with torch.no_grad():
+        x = enc(*tokenize_bytes(caps, 96))[0]
+    cos = lambda a, b: torch.cosine_similarity(a, b, dim=0).item()
+    assert cos(x[0, 3], x[1, 3]) < 0.7 and cos(x[0, 3], x[2, 3]) < 0.7 and cos(x[0, 1], x[3, 1]) < 0.7
+    assert cos(x[0, 4], x[1, 4]) > 0.99   # the same word in the same slot is the same token
 
 
 def tiny_t5():

@@ -29,7 +29,7 @@ def test_parse_caption():
 
 
 def test_real_images_score_correct():
-    # SHAPES.md: real images of the set score at least 99% correct at R = 64 and 100% at R >= 128
+    # docs/shapes.md: real images of the set score at least 99% correct at R = 64 and 100% at R >= 128
     for R, n, need in ((64, 300, 0.99), (128, 150, 1.0)):
         results = [score_image(*shapes_example(11, i, R, ('train', 'held_out', 'any')[i % 3])) for i in range(n)]
         assert sum(r['correct'] for r in results) / n >= need, R
@@ -92,6 +92,19 @@ def test_two_object_relations():
         assert not ok('a small blue square below a large yellow triangle')['position']
 
 
+@pytest.mark.parametrize('R', [64, 128])
+@pytest.mark.parametrize('other', ['black', 'white'])
+def test_repainted_background_fails_only_its_check(R, other):
+    # the model that always paints gray had every object check right on a gray caption: this check catches it
+    img = render(one_scene(), R)
+    repainted = img.copy()
+    repainted[(img == BACKGROUNDS['gray']).all(-1)] = BACKGROUNDS[other]
+    assert (repainted != img).any(-1).mean() > 0.8
+    r = score_image(repainted, caption(one_scene()))
+    assert not r['correct'] and not r['background'] and all(r[k] for k in CHECKS)
+    assert score_image(repainted, caption(one_scene()).replace('gray', other))['correct']
+
+
 def test_blank_and_noise_images_fail():
     for bg, rgb in BACKGROUNDS.items():
         blank = np.full((64, 64, 3), rgb, np.uint8)
@@ -111,7 +124,7 @@ def test_score_report_and_groups():
     report = score(images, captions, ['one', 'two', 'held_out'])
     assert set(report) == {'one', 'two', 'held_out', 'all'}
     assert report['all']['n'] == 3 and report['one'] == dict(n=1, correct=0.0, color=0.0, shape=0.0, size=0.0,
-                                                             position=0.0)
+                                                             position=0.0, background=report['one']['background'])
     assert report['two']['correct'] == report['held_out']['correct'] == 1.0
     assert abs(report['all']['correct'] - 2 / 3) < 1e-9
     json.dumps(report)
@@ -129,7 +142,7 @@ def test_load_dir_and_cli(tmp_path):
     out = subprocess.run([sys.executable, 'eval.py', f'--samples_dir={tmp_path}'], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     report = json.loads(out)
-    assert report['all'] == dict(n=6, correct=1.0, color=1.0, shape=1.0, size=1.0, position=1.0)
+    assert report['all'] == dict(n=6, correct=1.0, background=1.0, color=1.0, shape=1.0, size=1.0, position=1.0)
     assert report['held_out']['n'] >= 1 and report['one']['n'] + report['two']['n'] + report['held_out']['n'] == 6
     missing = subprocess.run([sys.executable, 'eval.py'], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and 'samples_dir' in missing.stderr

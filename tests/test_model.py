@@ -75,7 +75,7 @@ def test_routed_tokens_skip_unchanged_and_return_to_their_places():
     m.blocks[4].register_forward_pre_hook(lambda mod, inp: seen.__setitem__('after', inp[0]))
     keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
     orig = model_module.route_keep
-    model_module.route_keep = lambda B, N, n, device: keep
+    model_module.route_keep = lambda scores, n: keep
     try:
         m(z, t, ids, mask)
     finally:
@@ -98,7 +98,7 @@ def test_kept_tokens_carry_their_own_rope_positions():
     outs = []
     try:
         for k in (keep, keep.flip(1)):
-            model_module.route_keep = lambda B, N, n, device, k=k: k
+            model_module.route_keep = lambda scores, n, k=k: k
             outs.append(m(z, t, ids, mask)[0])
     finally:
         model_module.route_keep = orig
@@ -129,3 +129,26 @@ def test_repa_tap_sees_kept_tokens_inside_the_route():
 def test_empty_route_is_an_error():
     with pytest.raises(ValueError, match=r'TREAD route blocks\[2:-1\] of 2 blocks is empty'):
         DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, route_ratio=0.5, route_start=2, route_end=-1))
+
+
+def test_pred_v_turns_the_velocity_into_the_clean_image():
+    z, t, ids, mask = inputs()
+    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, pred='v'))
+    torch.testing.assert_close(m(z, t, ids, mask)[0], z)   # zero head: v = 0, so x = z_t
+    m = tiny(pred='v')
+    net = tiny()(z, t, ids, mask)[0]   # the same weights predicting x directly
+    torch.testing.assert_close(m(z, t, ids, mask)[0], z + (1 - t).view(-1, 1, 1, 1) * net)
+
+
+def test_text_pool_ignores_padding_and_reads_the_caption():
+    z, t, ids, mask = inputs()
+    m = tiny(text_pool=True).eval()
+    one = m(z[:1], t[:1], *tokenize_bytes(CAPS[:1], 96))[0]      # padded to its own length
+    torch.testing.assert_close(m(z, t, ids, mask)[0][:1], one)    # padded to the longer caption of the batch
+    for pool in (True, False):
+        m = tiny(text_pool=pool).eval()
+        for b in m.blocks:   # blocks off (adaLN-zero gates): the caption can reach the image only through pooling
+            b.ada.weight.data.zero_(), b.ada.bias.data.zero_()
+        same = torch.allclose(m(z, t, ids, mask)[0][0], m(z, t, ids.flip(0), mask.flip(0))[0][0])
+        assert same != pool
+

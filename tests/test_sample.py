@@ -25,7 +25,8 @@ def run(*args, **kw):
 
 def tiny_args(out):
     return [f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1',
-            '--bottleneck=16', '--batch_size=8', '--num_workers=0', '--log_interval=1', '--sample_interval=0']
+            '--bottleneck=16', '--batch_size=8', '--num_workers=0', '--log_interval=1', '--sample_interval=0',
+            '--eval_interval=0']
 
 
 def test_sample_writes_one_image_and_caption_per_prompt_in_order(tmp_path):
@@ -57,3 +58,31 @@ def test_sample_errors(tmp_path):
     assert r.returncode != 0 and 'exactly one of' in r.stderr
     r = run('sample.py', f'--out_dir={tmp_path}', f'--prompts={tmp_path}/none.txt')
     assert r.returncode != 0 and 'no such file' in r.stderr
+    r = run('sample.py', f'--out_dir={tmp_path}', '--prompt=x', '--num_steps=0')
+    assert r.returncode != 0 and 'num_steps=0, want an integer >= 1' in r.stderr   # not an image of pure noise
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
+    torch.save({'model': {}, 'evil': Payload()}, tmp_path / 'ckpt.pt')
+    r = run('sample.py', f'--out_dir={tmp_path}', '--prompt=a small red circle in the center on a black background')
+    assert r.returncode != 0 and 'refused' in r.stderr and 'pwned' not in r.stdout + r.stderr
+
+
+def test_safetensors_export_samples_the_same_images(tmp_path):
+    out = tmp_path / 'out'
+    assert run('train.py', *tiny_args(out), '--max_iters=2').returncode == 0
+    r = run('export.py', f'--out_dir={out}')
+    assert r.returncode == 0 and (out / 'model.safetensors').exists(), r.stderr
+    prompt = '--prompt=a small red circle in the center on a black background'
+    for name, source in (('ckpt', out), ('st', out / 'model.safetensors')):
+        r = run('sample.py', f'--out_dir={source}', prompt, '--num_steps=3', f'--samples_dir={tmp_path / name}')
+        assert r.returncode == 0, r.stderr
+    from PIL import Image
+    import numpy as np
+    a, b = (np.asarray(Image.open(tmp_path / n / '00000.png')) for n in ('ckpt', 'st'))
+    assert np.array_equal(a, b)

@@ -1,0 +1,34 @@
+"""
+Write a trained model to one .safetensors file: its EMA weights (or the raw ones) and, as metadata, its model config
+and the few training settings sampling needs. sample.py and eval.py load it in place of a run's folder:
+
+    python export.py --out_dir=out                          # writes out/model.safetensors
+    python sample.py --out_dir=out/model.safetensors --prompt="a large red circle in the center on a black background"
+
+A safetensors file holds tensors and text only, so loading one cannot run code.
+"""
+import json
+import os
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'           # the run whose ckpt.pt is exported
+path = ''                 # default: out_dir/model.safetensors
+use_ema = True
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    from configurator import configure
+    configure(globals())
+    from safetensors.torch import save_file
+    from sample import SAMPLE_CONFIG, load_checkpoint
+    src = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(src):
+        raise SystemExit(f'no checkpoint at {src}: train first (python train.py --out_dir={out_dir})')
+    ckpt = load_checkpoint(src)
+    path = path or os.path.join(out_dir, 'model.safetensors')
+    state = {k: v.contiguous() for k, v in ckpt['ema' if use_ema else 'model'].items()}
+    meta = {'model_args': json.dumps(ckpt['model_args']),
+            'config': json.dumps({k: ckpt['config'][k] for k in SAMPLE_CONFIG}), 'step': str(ckpt['step'])}
+    save_file(state, path, metadata=meta)
+    print(f"wrote {path}: {'EMA' if use_ema else 'raw'} weights of step {ckpt['step']}, "
+          f"{sum(v.numel() for v in state.values()) / 1e6:.2f}M parameters")
