@@ -13,7 +13,7 @@ import time
 import torch
 
 from data import Mixture, StepBatches, load_text_encoder, to_model_images
-from losses import diffusion_loss, load_dino, load_lpips, load_repa_teacher
+from losses import LossConfig, diffusion_loss, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
 
 # -----------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def build(variant, teacher):
                     text_dim=text_dim, text_layers=text_layers, route_ratio=route_ratio if routed else 0.0,
                     repa_block=repa_block, repa_dim=teacher.num_features if 'repa_weight' in WEIGHTS[variant] else 0)
     model = DiT(cfg).to(device).train()
-    return torch.compile(model) if compile else model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return torch.compile(model) if compile else model, model.configure_optimizers('adamw', learning_rate=1e-4)[0]
 
 
 if __name__ == '__main__':
@@ -78,10 +78,8 @@ if __name__ == '__main__':
             params[v] = sum(p.numel() for p in model.parameters())
             if device.startswith('cuda'):
                 torch.cuda.reset_peak_memory_stats()
-            cfg = {'t_mean': -0.8, 't_std': 0.8, 't_shift': 1.0, 't_uniform': 0.0, 'noise_scale': 1.0,
-                   'lpips_weight': 0.0, 'dino_weight': 0.0, 'repa_weight': 0.0, 'patch_size': patch_size,
-                   'route_ratio': route_ratio if v in ('tread', 'all') else 0.0, 'loss_target': 'v',
-                   **WEIGHTS[v]}
+            cfg = LossConfig(patch_size=patch_size, t_mean=-0.8, t_std=0.8,
+                             route_ratio=route_ratio if v in ('tread', 'all') else 0.0, **WEIGHTS[v])
             gen = torch.Generator(device).manual_seed(0)
             for i in range(warmup + steps):
                 if i == warmup:

@@ -4,8 +4,9 @@ Losses: the flow-matching objective with x-prediction, perceptual losses and REP
 Time convention (JiT): z_t = t * x + (1 - t) * noise, t in [0, 1], t = 1 is the clean image.
 The network predicts x; the loss is on velocity v = (x - z_t) / (1 - t).
 """
+from dataclasses import dataclass
+
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -45,33 +46,53 @@ def x_loss(x_pred, x):
     return F.mse_loss(x_pred.float(), x)
 
 
+@dataclass
+class LossConfig:
+    """The values diffusion_loss reads; train.py fills it from its config keys of the same names."""
+    patch_size: int = 8
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    t_uniform: float = 0.0
+    noise_scale: float = 1.0
+    loss_target: str = 'v'
+    route_ratio: float = 0.0     # > 0: draw TREAD's route (the model's own route_ratio decides how many tokens)
+    lpips_weight: float = 0.0
+    dino_weight: float = 0.0
+    repa_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**{k: config[k] for k in cls.__dataclass_fields__})
+
+
 def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net=None, repa_teacher=None):
-    """One training loss on clean images x in [-1, 1]. cfg: the train config dict. gen: the torch.Generator that
-    draws t and the noise (seeded per micro-batch, so any split over processes sees the same draws).
+    """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws t,
+    the noise and TREAD's route (seeded per micro-batch, so any split over processes sees the same draws).
     Returns (total loss, dict of the detached parts)."""
     B = x.shape[0]
-    t = sample_t(B, gen, x.device, cfg['t_mean'], cfg['t_std'], cfg['t_shift'], cfg['t_uniform'])
+    t = sample_t(B, gen, x.device, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
     # JiT: noise std grows with resolution (res / 256) so big images are not too easy to denoise
-    noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg['noise_scale']
+    noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
     tb = t.view(-1, 1, 1, 1)
     z = tb * x + (1 - tb) * noise
     # TREAD's draw comes from the same generator, after t and the noise (free, and the streams unchanged, when off)
-    p = cfg['patch_size']
+    p = cfg.patch_size
     route = (torch.rand(B, (x.shape[-2] // p) * (x.shape[-1] // p), generator=gen, device=x.device)
-             if cfg['route_ratio'] > 0 else None)
+             if cfg.route_ratio > 0 else None)
     x_pred, repa = model(z, t, text, text_mask, route=route)
-    loss = velocity_loss(x_pred, x, z, t) if cfg['loss_target'] == 'v' else x_loss(x_pred, x)
+    loss = velocity_loss(x_pred, x, z, t) if cfg.loss_target == 'v' else x_loss(x_pred, x)
     parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
     # perceptual losses compare the predicted clean image with the clean image, at every noise level
-    if cfg['lpips_weight'] > 0:
+    if cfg.lpips_weight > 0:
         l = lpips_loss(lpips_net, x_pred, x)
-        loss, parts['lpips'] = loss + cfg['lpips_weight'] * l, l.detach()
-    if cfg['dino_weight'] > 0:
+        loss, parts['lpips'] = loss + cfg.lpips_weight * l, l.detach()
+    if cfg.dino_weight > 0:
         l = dino_loss(dino_net, x_pred, x)
-        loss, parts['dino'] = loss + cfg['dino_weight'] * l, l.detach()
-    if cfg['repa_weight'] > 0:
-        l = repa_loss(repa_teacher, repa, x, cfg['patch_size'])
-        loss, parts['repa'] = loss + cfg['repa_weight'] * l, l.detach()
+        loss, parts['dino'] = loss + cfg.dino_weight * l, l.detach()
+    if cfg.repa_weight > 0:
+        l = repa_loss(repa_teacher, repa, x, cfg.patch_size)
+        loss, parts['repa'] = loss + cfg.repa_weight * l, l.detach()
     parts['loss'] = loss.detach()
     return loss, parts
 

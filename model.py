@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muon import Muon
+
 
 @dataclass
 class DiTConfig:
@@ -101,19 +103,22 @@ class Block(nn.Module):
         self.ada = nn.Linear(d, 6 * d)       # adaLN-zero (DiT): zero init makes every block start as the identity
 
     def forward(self, x, c, txt, mask, cos, sin):
+        """x: image tokens (B, N, D); c: conditioning (B, D); txt: text states (B, L, D); mask: (B, 1, 1, L + N) bool;
+        cos, sin: RoPE tables (N, hd) or, for routed tokens, (B, 1, N, hd). Returns the new image tokens (B, N, D)."""
         B, N, D = x.shape
-        H = self.n_head
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift1, scale1)
-        q = self.q(h).view(B, N, H, -1).transpose(1, 2)
-        k, v = self.kv(h).view(B, N, 2, H, -1).permute(2, 0, 3, 1, 4)
-        kt, vt = self.kv_text(self.text_norm(txt)).view(B, txt.shape[1], 2, H, -1).permute(2, 0, 3, 1, 4)
+        nh = self.n_head
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)   # each (B, D)
+        xm = modulate(self.norm1(x), shift1, scale1)
+        q = self.q(xm).view(B, N, nh, -1).transpose(1, 2)                             # (B, nh, N, hd)
+        # (B, N, 2, nh, hd) -> (2, B, nh, N, hd): k and v, heads before tokens as attention wants them
+        k, v = self.kv(xm).view(B, N, 2, nh, -1).permute(2, 0, 3, 1, 4)
+        kt, vt = self.kv_text(self.text_norm(txt)).view(B, txt.shape[1], 2, nh, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        k = torch.cat([self.k_norm(kt), k], dim=2)
+        k = torch.cat([self.k_norm(kt), k], dim=2)                                   # (B, nh, L + N, hd)
         v = torch.cat([vt, v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, N, hd)
         x = x + gate1[:, None] * self.proj(y.transpose(1, 2).reshape(B, N, D))
-        a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)
+        a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)  # SwiGLU: (B, N, hidden) each
         return x + gate2[:, None] * self.mlp_out(F.silu(g) * a)
 
 
@@ -199,6 +204,19 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                             muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw'):
+        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
+        the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them."""
+        named = list(self.named_parameters())
+        to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
+        opts = [torch.optim.AdamW([p for n, p in named if n not in to_muon], lr=learning_rate, betas=betas, eps=eps,
+                                  weight_decay=weight_decay)]
+        if optimizer == 'muon':
+            opts.append(Muon([p for n, p in named if n in to_muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
+                             weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
+        return opts
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -207,24 +225,27 @@ class DiT(nn.Module):
         else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
         route: TREAD on/off (default: on in training), or the draw itself: a (B, h*w) tensor of uniform scores whose
         lowest n_keep per sample are the kept tokens (training passes one from its per-micro-batch generator, so any
-        split over processes routes the same tokens; True draws from the global RNG). Returns (x_pred, repa) where repa is None or
-        (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
+        split over processes routes the same tokens; True draws from the global RNG).
+        Returns (x_pred (B,3,H,W), repa) where repa is None or (projected tokens (B,n,repa_dim), their token indices
+        (B,n) or None for all tokens)."""
         B, _, H, W = z.shape
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
-        h, w = H // p, W // p
-        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(h, w, self.cfg.n_embd, z.device)
+        gh, gw = H // p, W // p                                                       # the token grid
+        # (B, 3*p*p, gh*gw) patches -> (B, N, 3*p*p) -> bottleneck -> (B, N, D), N = gh*gw in raster order
+        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
         if self.text_encoder is not None:
             text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
-        txt = self.text_proj(text)
-        c = self.t_embed(timestep_embedding(t * 1000, 256))
+        txt = self.text_proj(text)                                                    # (B, L, D)
+        # t * 1000: DiT's sinusoidal embedding was made for integer steps 0..1000; its frequencies assume that range
+        c = self.t_embed(timestep_embedding(t * 1000, 256))                           # (B, D)
         if self.text_pool is not None:
             m = text_mask[..., None].to(txt.dtype)
             c = c + self.text_pool((txt * m).sum(1) / m.sum(1).clamp_min(1))   # (B, D)
-        cos_all, sin_all = rope_2d(h, w, self.cfg.n_embd // self.cfg.n_head, z.device)
+        cos_all, sin_all = rope_2d(gh, gw, self.cfg.n_embd // self.cfg.n_head, z.device)   # (N, hd)
         cos, sin = cos_all, sin_all
-        mask = attn_mask(text_mask, h * w)
+        mask = attn_mask(text_mask, gh * gw)
         scores = route if isinstance(route, torch.Tensor) else None
         route = (self.training if route is None else scores is not None or route) and self.cfg.route_ratio > 0
         keep, repa = None, None
@@ -244,10 +265,10 @@ class DiT(nn.Module):
                 # TREAD: put the routed tokens back in their places; skipped ones come through untouched
                 x = x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
                 cos, sin, keep = cos_all, sin_all, None
-                mask = attn_mask(text_mask, h * w)
+                mask = attn_mask(text_mask, gh * gw)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
-        out = F.fold(x.transpose(1, 2), (H, W), p, stride=p)
+        out = F.fold(x.transpose(1, 2), (H, W), p, stride=p)                          # (B, 3, H, W)
         if self.cfg.pred == 'v':
             # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise, so
             # x = z_t + (1-t) v): the loss and the sampler stay the same, and the velocity loss is then the plain

@@ -9,7 +9,6 @@ Config: the module-level defaults below, overridden by config files and --key=va
 """
 import copy
 import json
-import math
 import os
 import resource
 import signal
@@ -21,9 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Mixture, StepBatches, load_text_encoder, to_model_images
-from losses import diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
+from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
-from muon import Muon
 from sample import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -204,22 +202,17 @@ if init_from != 'scratch':  # 'resume' continues out_dir's run; a path starts a 
     if differ:
         raise SystemExit(f'config error: init_from={init_from}: the model differs from the checkpoint\'s: '
                          + ', '.join(differ))
-raw = DiT(DiTConfig(**model_args)).to(device)
+raw = DiT(DiTConfig(**model_args)).to(device)   # `raw` is the module itself: its weights, state dict and EMA
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
 dino_net = load_dino(dino_model, teachers_pretrained).to(device) if dino_weight > 0 else None
 
-# optimizers: Muon takes the blocks' 2D matrices; Adam everything else (embeddings, head, norms, biases, REPA)
-named = list(raw.named_parameters())
-muon_names = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
-opts = [torch.optim.AdamW([p for n, p in named if n not in muon_names], lr=learning_rate, betas=betas, eps=eps,
-                          weight_decay=weight_decay)]
-if optimizer == 'muon':
-    opts.append(Muon([p for n, p in named if n in muon_names], lr=muon_lr, momentum=muon_momentum, nesterov=True,
-                     weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
+loss_cfg = LossConfig.from_config(config)
+opts = raw.configure_optimizers(optimizer, learning_rate, betas, eps, weight_decay, muon_lr, muon_momentum,
+                                muon_weight_decay, muon_adjust_lr)   # [AdamW] or [AdamW, Muon]
 for opt in opts:
     for g in opt.param_groups:
-        g['base_lr'] = g['lr']
+        g['base_lr'] = g['lr']   # the configured lr; the schedule sets g['lr'] = base_lr * lr_mult each step
 
 step = 0
 if ckpt is not None:
@@ -239,7 +232,7 @@ if ckpt is not None:
         opt.load_state_dict(sd)
     step = ckpt['step']
     del ckpt
-model = torch.compile(raw) if compile else raw
+model = torch.compile(raw) if compile else raw   # `model` is what the step calls: raw, compiled and/or in DDP
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
@@ -333,13 +326,14 @@ while step < max_iters and not (stopped_by := stop_now()):
         # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
         # generator, seeded by (seed, step, micro-batch index m): 1 process with accumulation and N processes see the
         # same draws, and each micro-batch (so each rank) other ones
+        # (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any micro-batch count
         gen = torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4096 + m)
         x = to_model_images(u8.to(device, non_blocking=True))
         text, text_mask = encode(drop_captions(captions, caption_dropout, gen))
         if ddp:
-            model.require_backward_grad_sync = k == accum - 1
+            model.require_backward_grad_sync = k == accum - 1   # DDP all-reduces only on the last micro-batch
         with autocast:
-            loss, parts = diffusion_loss(model, x, text, text_mask, gen, config, lpips_net, dino_net, teacher)
+            loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, lpips_net, dino_net, teacher)
         if step + 1 == fault_nan_step:
             loss = loss * float('nan')
         (loss / accum).backward()
@@ -366,7 +360,7 @@ while step < max_iters and not (stopped_by := stop_now()):
     step += 1
     steps_since_log += 1
     if finite and step % ema_interval == 0:
-        update_ema(step // ema_interval - 1)
+        update_ema(step // ema_interval - 1)   # the number of EMA updates before this one (0 for the first)
     if master and (step % log_interval == 0 or step == max_iters):
         dt = time.time() - t_log
         row = {'step': step, **{k: round(v.item(), 5) for k, v in parts_sum.items()},

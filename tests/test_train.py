@@ -1,7 +1,6 @@
 """train.py end to end, in subprocesses, on tiny models (each run a few seconds)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -93,15 +92,18 @@ def test_bad_batch_split_fails_clearly(tmp_path):
 
 
 def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
-    train(tmp_path, '--max_iters=2', '--batch_size=4', '--optimizer=muon', '--muon_lr=1e-3')
-    c = ckpt(tmp_path)
-    names = list(c['model'].keys())
-    shapes = {k: v.shape for k, v in c['model'].items()}
-    muon = [k for k in names if k.startswith('blocks.') and len(shapes[k]) == 2]
-    adam_sd, muon_sd = c['optimizers']
-    assert len(muon_sd['param_groups'][0]['params']) == len(muon) > 0
-    assert len(adam_sd['param_groups'][0]['params']) == len(names) - len(muon)
-    assert all(len(s['momentum_buffer'].shape) == 2 for s in muon_sd['state'].values())
+    from model import DiT, DiTConfig
+    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, repa_dim=16, repa_block=1))
+    adam, muon = m.configure_optimizers('muon')
+    names = {id(p): n for n, p in m.named_parameters()}
+    in_muon = {names[id(p)] for p in muon.param_groups[0]['params']}
+    assert in_muon == {n for n, p in m.named_parameters() if n.startswith('blocks.') and p.ndim == 2}
+    assert {names[id(p)] for p in adam.param_groups[0]['params']} == set(names.values()) - in_muon
+    assert any(n.startswith('repa_proj.') for n in set(names.values()) - in_muon)   # the projector is Adam's
+    assert len(m.configure_optimizers('adamw')) == 1
+    train(tmp_path, '--max_iters=2', '--batch_size=4', '--optimizer=muon', '--muon_lr=1e-3')   # and train.py uses it
+    adam_sd, muon_sd = ckpt(tmp_path)['optimizers']
+    assert all(len(s['momentum_buffer'].shape) == 2 for s in muon_sd['state'].values()) and muon_sd['state']
 
 
 def test_learning_curve_rows_do_not_change_training(tmp_path):
