@@ -36,7 +36,7 @@ dtype = ''   # default: bfloat16 on cuda, else float32
 # anti-aliased edge (a blend of background and one colour) comes to a third colour (95.5),
 # so edges are never read as another colour.
 _FAR = 60.0
-CHECKS = ('correct', 'background', 'color', 'shape', 'size', 'position')
+RATES = ('correct', 'background', 'color', 'shape', 'size', 'position')  # what score() reports per group
 _RELATIONS = {'to the left of': 'left', 'to the right of': 'right', 'above': 'above', 'below': 'below'}
 _OBJECT = rf"a ({'|'.join(data.SIZES)}) ({'|'.join(data.COLORS)}) ({'|'.join(data.SHAPES)})"
 _BACKGROUND = rf" on a ({'|'.join(data.BACKGROUNDS)}) background"
@@ -155,7 +155,7 @@ def score(images, captions, groups):
     for group in ('one', 'two', 'held_out', 'all'):
         rs = [r for g, r in results if group in (g, 'all')]
         report[group] = {'n': len(rs), **{k: sum(r[k] for r in rs) / len(rs) if rs else None
-                                           for k in CHECKS}}
+                                           for k in RATES}}
     return report
 
 
@@ -177,19 +177,18 @@ if __name__ == '__main__':
         report = score(images, captions, [caption_group(c) for c in captions])
     elif out_dir:
         import torch
-        from sample import load_model, sample_to_dir
+        from sample import load_model, run_dir, sample_to_dir
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
         torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
         model, encode, cfg = load_model(out_dir, device, use_ema)
         prompts = data.eval_prompts(n)
-        run_dir = os.path.dirname(out_dir) if out_dir.endswith('.safetensors') else out_dir
-        eval_dir = os.path.join(run_dir, 'eval')
+        eval_dir = os.path.join(run_dir(out_dir), 'eval')
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
                       sg_scale, batch_size, seed, device, dtype)
         images, captions = load_dir(eval_dir)
         report = score(images, captions, [g for _, g in prompts])
-        with open(os.path.join(run_dir, 'eval.json'), 'w') as f:
+        with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
                                         use_ema=use_ema, seed=seed), **report}, f, indent=2)
     else:

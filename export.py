@@ -20,11 +20,8 @@ if __name__ == '__main__':
     from configurator import configure
     configure(globals())
     from safetensors.torch import save_file
-    from sample import SAMPLE_CONFIG, load_checkpoint
-    src = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(src):
-        raise SystemExit(f'no checkpoint at {src}: train first (python train.py --out_dir={out_dir})')
-    ckpt = load_checkpoint(src)
+    from sample import SAMPLE_CONFIG, checkpoint_of, load_checkpoint
+    ckpt = load_checkpoint(checkpoint_of(out_dir))
     path = path or os.path.join(out_dir, 'model.safetensors')
     state = {k: v.contiguous() for k, v in ckpt['ema' if use_ema else 'model'].items()}
     meta = {'model_args': json.dumps(ckpt['model_args']),

@@ -124,7 +124,7 @@ class Block(nn.Module):
 
 class ByteTextEncoder(nn.Module):
     """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
-    The bytes of each word (split at spaces) are embedded with their place in the word and averaged into one token,
+    The bytes of each word (split at spaces) are embedded with their place in the word and summed into one token,
     then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens. Measured
     on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
     word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
@@ -246,8 +246,8 @@ class DiT(nn.Module):
         cos_all, sin_all = rope_2d(gh, gw, self.cfg.n_embd // self.cfg.n_head, z.device)   # (N, hd)
         cos, sin = cos_all, sin_all
         mask = attn_mask(text_mask, gh * gw)
-        scores = route if isinstance(route, torch.Tensor) else None
-        route = (self.training if route is None else scores is not None or route) and self.cfg.route_ratio > 0
+        scores, route = (route, True) if isinstance(route, torch.Tensor) else (None, route)
+        route = (self.training if route is None else route) and self.cfg.route_ratio > 0
         keep, repa = None, None
         for i, block in enumerate(self.blocks):
             if route and i == self.route.start:

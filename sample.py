@@ -102,6 +102,19 @@ def load_checkpoint(path):
                          f'{str(e).splitlines()[0]}')
 
 
+def checkpoint_of(out_dir):
+    """out_dir/ckpt.pt, or a clear exit when the run has none."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={out_dir})')
+    return path
+
+
+def run_dir(source):
+    """The folder where outputs of a model source go: the run folder itself, or the folder of a .safetensors file."""
+    return os.path.dirname(source) if source.endswith('.safetensors') else source
+
+
 # the training config values that sampling needs; export.py writes these beside the weights
 SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_scale')
 
@@ -120,10 +133,7 @@ def load_model(source, device, use_ema=True):
             state = {k: f.get_tensor(k) for k in f.keys()}
         model_args, cfg = json.loads(meta['model_args']), json.loads(meta['config'])
     else:
-        path = os.path.join(source, 'ckpt.pt')
-        if not os.path.isfile(path):
-            raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={source})')
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(checkpoint_of(source))
         model_args, cfg, state = ckpt['model_args'], ckpt['config'], ckpt['ema' if use_ema else 'model']
     model = DiT(DiTConfig(**model_args))
     model.load_state_dict(state)
@@ -171,8 +181,7 @@ if __name__ == '__main__':
         captions = [prompt]
     torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
     model, encode, cfg = load_model(out_dir, device, use_ema)
-    samples_dir = samples_dir or os.path.join(os.path.dirname(out_dir) if out_dir.endswith('.safetensors') else out_dir,
-                                              'samples')
+    samples_dir = samples_dir or os.path.join(run_dir(out_dir), 'samples')
     sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps, cfg_scale,
                   sg_scale, batch_size, seed, device, dtype)
     print(f'wrote {len(captions)} images to {samples_dir}')

@@ -113,15 +113,13 @@ config = configure(globals())
 
 def config_errors():
     """Every mistake of the config that would otherwise surface as a traceback deep in the model, or not at all."""
-    errors = [f'{key}={value!r}, want one of {choices}' for key, value, choices in (
-        ('optimizer', optimizer, ('adamw', 'muon')),
-        ('dtype', dtype, ('float32', 'bfloat16', 'float16')), ('pred', pred, ('x', 'v')), ('loss_target', loss_target, ('v', 'x'))) if value not in choices]
-    for key, value, low in (('batch_size', batch_size, 1), ('micro_batch', micro_batch, 0), ('max_iters', max_iters, 0), ('keep_ckpts', keep_ckpts, 1), ('max_bad_steps', max_bad_steps, 1),
-                            ('warmup_iters', warmup_iters, 1), ('cooldown_iters', cooldown_iters, 0), ('ema_interval', ema_interval, 1), ('n_layer', n_layer, 1),
-                            ('patch_size', patch_size, 1), ('image_size', image_size, 1), ('eval_n', eval_n, 1),
-                            ('eval_steps', eval_steps, 1), ('sample_steps', sample_steps, 1)):
-        if value < low:
-            errors.append(f'{key}={value}, want an integer >= {low}')
+    choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'), 'pred': ('x', 'v'),
+               'loss_target': ('v', 'x')}
+    errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
+    lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1, 'warmup_iters': 1,
+              'cooldown_iters': 0, 'ema_interval': 1, 'n_layer': 1, 'patch_size': 1, 'image_size': 1, 'eval_n': 1,
+              'eval_steps': 1, 'sample_steps': 1}
+    errors += [f'{k}={config[k]}, want an integer >= {low}' for k, low in lowest.items() if config[k] < low]
     if patch_size >= 1 and image_size % patch_size:
         errors.append(f'image_size={image_size} is not a multiple of patch_size={patch_size} '
                       f'(try {max(patch_size, image_size // patch_size * patch_size)})')
@@ -131,8 +129,8 @@ def config_errors():
     if not 0 <= route_ratio < 1:
         errors.append(f'route_ratio={route_ratio}, want 0 (off) <= route_ratio < 1')
     elif route_ratio > 0 and n_layer >= 1 and len(range(n_layer)[route_start:route_end]) == 0:
-        errors.append(f'route_start={route_start}, route_end={route_end}: the TREAD route blocks[{route_start}:{route_end}] '
-                      f'of {n_layer} blocks is empty')
+        errors.append(f'route_start={route_start}, route_end={route_end}: the TREAD route '
+                      f'blocks[{route_start}:{route_end}] of {n_layer} blocks is empty')
     if repa_weight > 0 and not 1 <= repa_block <= n_layer:
         errors.append(f'repa_block={repa_block} is outside the model: REPA taps after block 1..n_layer={n_layer}')
     if not isinstance(data, dict) or not data:
@@ -190,15 +188,16 @@ encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_typ
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
 model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   mlp_ratio=mlp_ratio, text_encoder=text_encoder, text_len=text_len, text_layers=text_layers,
-                  text_dim=text_dim if text_encoder == 'bytes' else encode.dim, text_pool=text_pool, pred=pred, route_ratio=route_ratio,
-                  route_start=route_start, route_end=route_end, repa_block=repa_block,
+                  text_dim=text_dim if text_encoder == 'bytes' else encode.dim, text_pool=text_pool, pred=pred,
+                  route_ratio=route_ratio, route_start=route_start, route_end=route_end, repa_block=repa_block,
                   repa_dim=teacher.num_features if teacher is not None else 0)
 ckpt = None
 if init_from != 'scratch':  # 'resume' continues out_dir's run; a path starts a new stage from that checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
     # routing, the REPA tap and REPA itself may change between stages; everything else is the checkpoint's shape
+    per_stage = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim')
     differ = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
-              if k not in ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim') and model_args.get(k) != v]
+              if k not in per_stage and model_args.get(k) != v]
     if differ:
         raise SystemExit(f'config error: init_from={init_from}: the model differs from the checkpoint\'s: '
                          + ', '.join(differ))
@@ -324,9 +323,8 @@ while step < max_iters and not (stopped_by := stop_now()):
     parts_sum = {}
     for k, (u8, captions, m) in enumerate(next(loader)):
         # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
-        # generator, seeded by (seed, step, micro-batch index m): 1 process with accumulation and N processes see the
-        # same draws, and each micro-batch (so each rank) other ones
-        # (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any micro-batch count
+        # generator: 1 process with accumulation and N processes see the same draws, each micro-batch (so each rank)
+        # other ones. (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any m
         gen = torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4096 + m)
         x = to_model_images(u8.to(device, non_blocking=True))
         text, text_mask = encode(drop_captions(captions, caption_dropout, gen))

@@ -12,12 +12,27 @@ TINY = ['--max_iters=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim
         '--num_workers=0', '--log_interval=1', '--sample_interval=0', '--ckpt_interval=0', '--eval_interval=0']
 
 
+def command(out, *args, torchrun=0):
+    return [sys.executable, *(['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
+                              if torchrun else []), 'train.py', f'--out_dir={out}', *TINY, *args]
+
+
 def train(out, *args, torchrun=0):
-    cmd = [sys.executable, *(['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
-                             if torchrun else []), 'train.py', f'--out_dir={out}', *TINY, *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(command(out, *args, torchrun=torchrun), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+def refused(out, *args):
+    """train.py's stderr for a run that must fail."""
+    r = subprocess.run(command(out, *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout[-2000:]
+    return r.stderr
+
+
+def start(out, *args, torchrun=0):
+    return subprocess.Popen(command(out, *args, torchrun=torchrun), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def ckpt(out):
@@ -86,9 +101,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 
 
 def test_bad_batch_split_fails_clearly(tmp_path):
-    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, '--batch_size=10', '--micro_batch=4'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and 'batch_size=10 is not a multiple of micro_batch=4' in r.stderr
+    assert 'batch_size=10 is not a multiple of micro_batch=4' in refused(tmp_path, '--batch_size=10', '--micro_batch=4')
 
 
 def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
@@ -133,15 +146,9 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--init_from=resume'], 'init_from=resume but there is no'),
 ])
 def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
-    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "run"}', *TINY, *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
-    assert 'Traceback' not in r.stderr and not (tmp_path / 'run').exists()   # nothing was started or written
-
-
-def _start(out, *args):
-    cmd = [sys.executable, 'train.py', f'--out_dir={out}', *TINY, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    err = refused(tmp_path / 'run', *args)
+    assert message in err, err[-2000:]
+    assert 'Traceback' not in err and not (tmp_path / 'run').exists()   # nothing was started or written
 
 
 def _wait_for(proc, pattern, timeout=120):
@@ -160,7 +167,7 @@ def test_killed_run_resumes_exactly(tmp_path, how):
     args = ['--batch_size=8', '--warmup_iters=2', '--n_layer=3', '--route_ratio=0.5', '--route_start=1',
             '--ckpt_interval=3', '--max_iters=200']
     ref = train(tmp_path / 'ref', *args[:-1], '--max_iters=12')
-    proc = _start(tmp_path / 'run', *args)
+    proc = start(tmp_path / 'run', *args)
     _wait_for(proc, 'step 7 ')   # past the checkpoints of steps 3 and 6
     proc.send_signal(getattr(signal, how))
     rest = proc.communicate(timeout=120)[0]
@@ -189,12 +196,9 @@ def test_new_stage_from_a_checkpoint_keeps_it_and_drops_repa(tmp_path):
     c = ckpt(tmp_path / 's2')
     assert not any(k.startswith('repa_proj.') for k in c['model']) and c['step'] == 4   # REPA off: projector dropped
     assert (tmp_path / 's1' / 'ckpt.pt').read_bytes() == first                      # stage 1 left as it was
-    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "s3"}', *TINY, '--n_embd=64',
-                        f'--init_from={tmp_path / "s1" / "ckpt.pt"}'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and 'the model differs from the checkpoint\'s: n_embd=64 (checkpoint: 32)' in r.stderr
-    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "s1"}', *TINY,
-                        f'--init_from={tmp_path / "s1" / "ckpt.pt"}'], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "use init_from='resume'" in r.stderr
+    err = refused(tmp_path / 's3', '--n_embd=64', f'--init_from={tmp_path / "s1" / "ckpt.pt"}')
+    assert 'the model differs from the checkpoint\'s: n_embd=64 (checkpoint: 32)' in err
+    assert "use init_from='resume'" in refused(tmp_path / 's1', f'--init_from={tmp_path / "s1" / "ckpt.pt"}')
 
 
 def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path):
@@ -210,9 +214,8 @@ def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path):
     train(tmp_path / 'three', *args[1:], '--max_iters=3', '--fault_nan_step=3')
     a, b = ckpt(tmp_path / 'two'), ckpt(tmp_path / 'three')
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    r = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path / "stop"}', *TINY, *args, '--fault_nan_step=2',
-                        '--max_bad_steps=1'], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and '1 steps in a row had a non-finite loss or gradients (max_bad_steps=1)' in r.stderr
+    err = refused(tmp_path / 'stop', *args, '--fault_nan_step=2', '--max_bad_steps=1')
+    assert '1 steps in a row had a non-finite loss or gradients (max_bad_steps=1)' in err
 
 
 def test_keep_the_last_k_checkpoints(tmp_path):
@@ -247,9 +250,7 @@ def test_torchrun_stops_together_on_one_ranks_sigterm_or_the_clock(tmp_path):
                 torchrun=2)
     assert log[-1]['rank_weight_diff'] == 0.0 and 0 < log[-1]['step'] < 100000   # no rank left alone in a collective
     assert log[-1]['stopped_by'] == 'time_budget'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           f'--out_dir={tmp_path / "sig"}', *TINY, '--max_iters=100000', '--log_interval=1000', *TORCHRUN_TREAD]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(tmp_path / 'sig', '--max_iters=100000', '--log_interval=1000', *TORCHRUN_TREAD, torchrun=2)
     deadline = time.time() + 120
     while not (tmp_path / 'sig' / 'log.jsonl').exists() and time.time() < deadline:   # rank 0 is in the loop
         time.sleep(0.2)
