@@ -25,6 +25,7 @@ seed = 0
 num_steps = 50
 cfg_scale = 4.0
 sg_scale = 1.0
+shift = 0.0  # the sampler's time shift; 0 = the training run's t_shift
 use_ema = True
 batch_size = 100
 device = ''  # default: cuda if available, else cpu
@@ -182,6 +183,7 @@ if __name__ == '__main__':
         dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
         torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
         model, encode, cfg = load_model(out_dir, device, use_ema)
+        cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
         prompts = data.eval_prompts(n)
         eval_dir = os.path.join(run_dir(out_dir), 'eval')
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
@@ -190,7 +192,7 @@ if __name__ == '__main__':
         report = score(images, captions, [g for _, g in prompts])
         with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
-                                        use_ema=use_ema, seed=seed), **report}, f, indent=2)
+                                        shift=cfg['t_shift'], use_ema=use_ema, seed=seed), **report}, f, indent=2)
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')

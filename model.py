@@ -169,7 +169,7 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, p = cfg.n_embd, cfg.patch_size
-        assert cfg.pred in ('x', 'v'), f"pred must be 'x' or 'v', got {cfg.pred!r}"
+        assert cfg.pred in ('x', 'v', 'skip'), f"pred must be 'x', 'v' or 'skip', got {cfg.pred!r}"
         assert d % cfg.n_head == 0 and (d // cfg.n_head) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
         self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False), nn.Linear(cfg.bottleneck, d))
         self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers) if cfg.text_encoder == 'bytes' else None
@@ -274,7 +274,24 @@ class DiT(nn.Module):
             # x = z_t + (1-t) v): the loss and the sampler stay the same, and the velocity loss is then the plain
             # MSE on v for t < 0.95. JiT's claim is that predicting x itself is what works in pixel space.
             out = z + (1 - t).view(-1, 1, 1, 1) * out
+        elif self.cfg.pred == 'skip':
+            out = skip_x(z, t, out)
         return out, repa
+
+
+SKIP_SIGMA = 0.1  # the noise level (noise std / signal) below which z itself is most of the answer
+
+
+def skip_x(z, t, out):
+    """The clean image as a * z + (1 - a t) * out: EDM's skip connection (Karras et al. 2022, c_skip of table 1
+    with sigma = (1 - t) / t the noise of z / t, times t) with sigma_data = SKIP_SIGMA, and out aimed at the clean
+    image itself as in x-prediction. At t = 0 (pure noise) a = 0: plain x-prediction (JiT). Towards t = 1 a -> 1:
+    z is the answer and the network adds a correction, so it need not carry every pixel through the bottleneck and
+    128 channels to keep an edge sharp. The noise that a * z lets through, a (1 - t), peaks at 0.05 (t ~ 0.9): the
+    network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 let 0.2 through at t = 0.5 (README)."""
+    t = t.view(-1, 1, 1, 1).to(z.dtype)
+    a = SKIP_SIGMA ** 2 * t / ((1 - t) ** 2 + SKIP_SIGMA ** 2 * t ** 2)
+    return a * z + (1 - a * t) * out
 
 
 def attn_mask(text_mask, n_image):

@@ -27,6 +27,7 @@ image_size = 0            # 0 = the training resolution
 num_steps = 50
 cfg_scale = 4.0           # classifier-free guidance: uncond + w * (cond - uncond); 1 = off
 sg_scale = 1.0            # self-guidance: routed + w * (dense - routed), both on the prompt; 1 = off
+shift = 0.0               # the sampler's time shift toward noise; 0 = the training run's t_shift
 use_ema = True
 batch_size = 64
 seed = 0
@@ -181,6 +182,7 @@ if __name__ == '__main__':
         captions = [prompt]
     torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
     model, encode, cfg = load_model(out_dir, device, use_ema)
+    cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
     samples_dir = samples_dir or os.path.join(run_dir(out_dir), 'samples')
     sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps, cfg_scale,
                   sg_scale, batch_size, seed, device, dtype)

@@ -113,7 +113,7 @@ config = configure(globals())
 
 def config_errors():
     """Every mistake of the config that would otherwise surface as a traceback deep in the model, or not at all."""
-    choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'), 'pred': ('x', 'v'),
+    choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'), 'pred': ('x', 'v', 'skip'),
                'loss_target': ('v', 'x')}
     errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
     lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1, 'warmup_iters': 1,
