@@ -371,7 +371,9 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
     w, h = img.size   # the draft's
     m = min(w, h)
     left, top = (rng.random() * (w - m), rng.random() * (h - m)) if random_crop else ((w - m) / 2, (h - m) / 2)
-    img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + m, top + m))   # only the crop is resampled
+    # only the crop is resampled. Bilinear (antialiased: a triangle filter over the source pixels, torchvision's
+    # default) costs 2.8 ms for a 770px source at 512px against bicubic's 4.4 ms: after decoding, the loader's main cost
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + m, top + m))
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)
