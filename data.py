@@ -343,7 +343,7 @@ def to_rgb(img):
         img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
     if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
         img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img.convert('RGBA'))
-    return img.convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')   # convert() would copy an RGB image
 
 
 def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False):
