@@ -1,5 +1,5 @@
 """
-Data: the shapes set (docs/shapes.md), text encoders, and loaders.
+Data: the shapes set (docs/shapes.md), text encoders and the text-embedding cache, folder and tar-shard sources, loaders.
 """
 import glob
 import hashlib
@@ -271,7 +271,8 @@ def index_folder(root):
             names.append(rel)
             if cap:
                 names.append(cap)
-            rows.append((len(names) - 1 - bool(cap), 0, -1, len(names) - 1 if cap else -1, 0, -1, bool(cap and cap.endswith('.json'))))
+            img = len(names) - 1 - bool(cap)
+            rows.append((img, 0, -1, len(names) - 1 if cap else -1, 0, -1, bool(cap and cap.endswith('.json'))))
     return rows, names
 
 
@@ -282,12 +283,15 @@ def index_shards(paths, root):
     for s, path in enumerate(paths):
         names.append(os.path.relpath(path, root))
         samples = {}   # key -> {ext: (offset, size)}, in tar order
-        with tarfile.open(path, 'r:') as tar:   # tarfile seeks over member data: reading the headers is cheap
-            for m in tar:
-                if m.isfile():
-                    d, base = os.path.split(m.name)
-                    stem, _, ext = base.partition('.')
-                    samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
+        try:
+            with tarfile.open(path, 'r:') as tar:   # tarfile seeks over member data: reading the headers is cheap
+                for m in tar:
+                    if m.isfile():
+                        d, base = os.path.split(m.name)
+                        stem, _, ext = base.partition('.')
+                        samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
+        except tarfile.TarError as e:   # a shard cut short (an interrupted copy): keep what came before the damage
+            print(f'\n{path} is damaged ({e}): {len(samples)} samples read before it')
         for parts in samples.values():
             img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
             cap = parts.get('txt') or parts.get('json')
@@ -338,7 +342,7 @@ def open_index(key):
 def to_rgb(img):
     """Any mode Pillow opens -> RGB: transparency composited on white, 16-bit grey scaled (convert() would clip)."""
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I'):
-        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray((np.asarray(img) >> 8).clip(0, 255).astype(np.uint8))
     if img.mode == 'P':
         img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
     if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):

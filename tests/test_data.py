@@ -270,6 +270,12 @@ def test_folder_and_tar_shards_read_the_same_samples(tmp_path):
         (img, cap, bad), (img_b, cap_b, _), (img_c, cap_c, _) = a[i], b[i], c[i]
         assert cap == cap_b == cap_c and np.array_equal(img, img_b) and np.array_equal(img, img_c) and bad == []
         assert np.array_equal(img, truth[cap])   # PNG at its own size: the pixels written
+    # a shard cut short (an interrupted copy) is indexed up to the damage; its cut sample reads as bad, not raised
+    data = (tmp_path / '00001.tar').read_bytes()
+    (tmp_path / 'cut').mkdir()
+    (tmp_path / 'cut' / '00000.tar').write_bytes(data[:len(data) // 2 + 700])
+    cut = Mixture({str(tmp_path / 'cut' / '*.tar'): 1.0}, 32, 0)
+    assert 0 < len(cut.sources[0]) < 16 and len([cut[i] for i in range(32)]) == 32
 
 
 def test_folder_layouts_json_captions_and_metadata_jsonl(tmp_path):
