@@ -365,6 +365,7 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
         # JPEG: the decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), keeping both sides >= size. A
         # 1024px source decodes at 512px for a quarter of the work; the main lever for 200 images/s per core
         img.draft('RGB', (size, size))
+        img.load()   # decode here, where a broken file is caught
         img = to_rgb(img)
     except BadSample:
         raise
