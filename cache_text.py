@@ -23,7 +23,7 @@ text_encoder = 'google/t5gemma-2b-2b-ul2'
 text_len = 256
 text_cache = ''
 # this script's own
-batch_size = 256          # captions per encoder forward
+encode_batch = 256         # captions per encoder forward
 shard_captions = 20_000   # captions per shard (T5Gemma-2b, 80 tokens: ~7 GB each)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'   # the encoder's compute; stored as bf16 either way
@@ -87,4 +87,4 @@ if __name__ == '__main__':
     if text_encoder == 'bytes' or not text_cache:
         raise SystemExit("config error: want a Hugging Face text_encoder and a text_cache folder to write")
     enc = HFTextEncoder(text_encoder, text_len, device, getattr(torch, dtype))
-    print(json.dumps(build_cache(data, enc, text_encoder, text_len, text_cache, batch_size, shard_captions)))
+    print(json.dumps(build_cache(data, enc, text_encoder, text_len, text_cache, encode_batch, shard_captions)))
