@@ -33,8 +33,9 @@ def _check(key, value, defaults, source):
                  f"but its default {defaults[key]!r} is a {want.__name__}")
 
 
-def configure(scope, argv=None):
-    """Apply config files and --key=value overrides to `scope` (a script's globals()); return the config dict."""
+def configure(scope, argv=None, files_may_set_others=False):
+    """Apply config files and --key=value overrides to `scope` (a script's globals()); return the config dict.
+    files_may_set_others: a config file's keys that `scope` lacks are skipped (cache_text.py reads train.py's files)."""
     keys = config_keys(scope)
     defaults = {k: scope[k] for k in keys}
     for arg in (sys.argv[1:] if argv is None else argv):
@@ -46,7 +47,8 @@ def configure(scope, argv=None):
             file_scope = {k: scope[k] for k in keys}
             exec(source, file_scope)
             for k, v in file_scope.items():
-                if k.startswith('_') or k == '__builtins__' or not isinstance(v, CONFIG_TYPES):
+                if k.startswith('_') or k == '__builtins__' or not isinstance(v, CONFIG_TYPES) or (
+                        files_may_set_others and k not in defaults):
                     continue
                 _check(k, v, defaults, arg)
                 scope[k] = v

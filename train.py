@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Mixture, StepBatches, load_text_encoder, to_model_images
+from data import BAD_REASONS, Mixture, StepBatches, load_text_encoder, shard_paths, to_model_images
 from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
 from sample import load_checkpoint
@@ -34,8 +34,13 @@ keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are a
 init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage from its weights
 max_iters = 8000          # ~10 minutes on 2 CPU cores (README)
 time_budget = 0.0         # seconds; stop early once the loop has run this long (0 = off): equal wall-clock ablations
-# data: {'shapes': 1.0} is the built-in set; other keys are folders with a metadata.jsonl, weighted
+# data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards (a glob or 'x/{00000..00127}.tar'),
+# weighted (README, "Data")
 data = {'shapes': 1.0}
+min_image_size = 32       # images whose shorter side is below this are skipped as bad (the speedrun: 256)
+max_bad_fraction = 0.01   # a source with more bad samples than this (corrupt, too small, no caption, ...) stops the run
+random_crop = False       # a random square crop instead of the centre one
+hflip = False             # mirror half the images (wrong for captions that say left or right, like the shapes set's)
 image_size = 64
 batch_size = 16           # global batch, over all processes and accumulation steps (README: more updates win)
 micro_batch = 0           # images per process per forward; 0 = batch_size / processes (no accumulation)
@@ -44,6 +49,7 @@ num_workers = 1
 text_encoder = 'bytes'    # 'bytes' (trainable, no download) or a Hugging Face name, e.g. google/t5gemma-2b-2b-ul2
 text_len = 96
 text_dim = 128            # width of the bytes encoder (a Hugging Face encoder brings its own)
+text_cache = ''           # a folder of cache_text.py's frozen-encoder states; captions not in it are encoded on the fly
 text_layers = 0           # transformer layers over the pooled word tokens of the bytes encoder (README)
 text_pool = True          # the mean caption token joins the timestep in adaLN (model.py; the speedrun: off)
 caption_dropout = 0.1     # for classifier-free guidance
@@ -118,7 +124,7 @@ def config_errors():
     errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
     lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1, 'warmup_iters': 1,
               'cooldown_iters': 0, 'ema_interval': 1, 'n_layer': 1, 'patch_size': 1, 'image_size': 1, 'eval_n': 1,
-              'eval_steps': 1, 'sample_steps': 1}
+              'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0}
     errors += [f'{k}={config[k]}, want an integer >= {low}' for k, low in lowest.items() if config[k] < low]
     if patch_size >= 1 and image_size % patch_size:
         errors.append(f'image_size={image_size} is not a multiple of patch_size={patch_size} '
@@ -133,11 +139,21 @@ def config_errors():
                       f'blocks[{route_start}:{route_end}] of {n_layer} blocks is empty')
     if repa_weight > 0 and not 1 <= repa_block <= n_layer:
         errors.append(f'repa_block={repa_block} is outside the model: REPA taps after block 1..n_layer={n_layer}')
+    if not 0 <= max_bad_fraction <= 1:
+        errors.append(f'max_bad_fraction={max_bad_fraction}, want a fraction in [0, 1]')
+    if text_cache and text_encoder == 'bytes':
+        errors.append(f"text_cache={text_cache!r}: the bytes encoder trains with the model, there is nothing to cache")
+    elif text_cache and os.path.isfile(os.path.join(text_cache, 'meta.json')):
+        meta = json.load(open(os.path.join(text_cache, 'meta.json')))
+        if (meta['encoder'], meta['text_len']) != (text_encoder, text_len):
+            errors.append(f"text_cache={text_cache!r} holds {meta['encoder']} states of {meta['text_len']} tokens, "
+                          f'not {text_encoder} of {text_len}')
     if not isinstance(data, dict) or not data:
-        errors.append(f"data={data!r}, want {{'shapes': 1.0}} or {{folder: weight, ...}}")
+        errors.append(f"data={data!r}, want {{'shapes': 1.0}} or {{folder or shards: weight, ...}}")
     else:
-        errors += [f'data source {k!r} does not exist (want a folder, or the built-in \'shapes\')'
-                   for k in data if k != 'shapes' and not os.path.isdir(k)]
+        errors += [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a {{00000..00127}} '
+                   f"range, or the built-in 'shapes')" for k in data if k != 'shapes' and not os.path.isdir(k)
+                   and not (shard_paths(k) and all(os.path.isfile(p) for p in shard_paths(k)))]
         errors += [f'data weight {k!r}: {w!r}, want a number > 0' for k, w in data.items()
                    if not isinstance(w, (int, float)) or w <= 0]
     if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
@@ -184,7 +200,8 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
 
 # text encoder, model, teachers
-encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_type == 'cuda' else torch.float32)
+encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_type == 'cuda' else torch.float32,
+                           cache=text_cache)
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
 model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   mlp_ratio=mlp_ratio, text_encoder=text_encoder, text_len=text_len, text_layers=text_layers,
@@ -235,8 +252,13 @@ model = torch.compile(raw) if compile else raw   # `model` is what the step call
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
+if ddp and not master:
+    dist.barrier()   # rank 0 indexes new folders and shard sets (once, beside the data); the others then read its index
+mixture = Mixture(data, image_size, seed, min_image_size, random_crop, hflip, max_bad_fraction)
+if ddp and master:
+    dist.barrier()
 loader = iter(torch.utils.data.DataLoader(
-    StepBatches(Mixture(data, image_size, seed), batch_size, micro, rank, world, start_step=step),
+    StepBatches(mixture, batch_size, micro, rank, world, start_step=step),
     batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0))
 if master:
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
@@ -296,6 +318,7 @@ log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
 t_start = t_log = time.time()
 steps_since_log = 0
 bad_steps = bad_in_row = 0
+bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by the loader, this process
 signalled = []  # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: signalled.append(signum))
@@ -321,7 +344,8 @@ while step < max_iters and not (stopped_by := stop_now()):
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_mult
     parts_sum = {}
-    for k, (u8, captions, m) in enumerate(next(loader)):
+    for k, (u8, captions, m, bad) in enumerate(next(loader)):
+        bad_samples += bad
         # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
         # generator: 1 process with accumulation and N processes see the same draws, each micro-batch (so each rank)
         # other ones. (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any m
@@ -359,11 +383,18 @@ while step < max_iters and not (stopped_by := stop_now()):
     steps_since_log += 1
     if finite and step % ema_interval == 0:
         update_ema(step // ema_interval - 1)   # the number of EMA updates before this one (0 for the first)
+    if step % log_interval == 0 or step == max_iters:
+        bad_total = bad_samples.to(device)
+        if ddp:
+            dist.all_reduce(bad_total)   # every rank logs on the same steps; tiny, and only every log_interval
     if master and (step % log_interval == 0 or step == max_iters):
         dt = time.time() - t_log
         row = {'step': step, **{k: round(v.item(), 5) for k, v in parts_sum.items()},
                'lr': opts[0].param_groups[0]['lr'], 'ms_per_step': round(1000 * dt / steps_since_log, 1),
                'images_per_s': round(batch_size * steps_since_log / dt, 1)}
+        if bad_total.any():   # samples skipped since this process started, all ranks: {source: {reason: count}}
+            row['bad_samples'] = {src: {r: n for r, n in zip(BAD_REASONS, counts.tolist()) if n}
+                                  for src, counts in zip(data, bad_total.cpu()) if counts.any()}
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()), flush=True)
         log.write(json.dumps(row) + '\n')
         log.flush()

@@ -4,9 +4,11 @@
 #   torchrun ... train.py config/speedrun.py config/speedrun_1024.py
 # On fewer GPUs the global batch stays 1024: train.py accumulates (micro_batch per GPU per forward).
 out_dir = 'out-speedrun'
-# three caption/image sets (1.7M, 6M, 1M images), folders with a metadata.jsonl each; point these at yours.
-# Weighted by size, i.e. every image equally likely.
+# three caption/image sets (1.7M, 6M, 1M images); point these at yours: folders, or tar shards as a glob or a
+# range like '/data/synthetic-6M/{00000..00599}.tar' (README, "Data"). Weighted by size: every image equally likely.
 data = {'/data/synthetic-1.7M': 1.7, '/data/synthetic-6M': 6.0, '/data/synthetic-1M': 1.0}
+min_image_size = 256      # more than 2x upscaling to 512px: skipped as bad
+text_cache = '/data/t5gemma-cache'   # written once by `python cache_text.py config/speedrun.py`; absent: on the fly
 image_size = 512
 batch_size = 1024
 micro_batch = 32          # 32 GPUs x 32; on 8 GPUs this gives 4 accumulation steps

@@ -57,3 +57,13 @@ def test_train_fails_before_any_work(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "unknown key 'n_layers'" in r.stderr and 'n_layer' in r.stderr
     assert not (tmp_path / 'o').exists()   # nothing was created
+
+
+def test_a_script_may_read_only_its_keys_from_train_configs(tmp_path):
+    f = tmp_path / 'c.py'
+    f.write_text('batch_size = 64\nn_layer = 24\n')   # n_layer: a key of train.py, not of this script
+    assert configure(defaults(), [str(f)], files_may_set_others=True)['batch_size'] == 64
+    with pytest.raises(SystemExit, match="unknown key 'n_layer'"):
+        configure(defaults(), [str(f)])
+    with pytest.raises(SystemExit, match="unknown key 'n_layer'"):   # on the command line it is still a mistake
+        configure(defaults(), ['--n_layer=2'], files_may_set_others=True)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BACKGROUNDS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, FolderSource,
-                  HFTextEncoder, Mixture, StepBatches, caption, eval_prompts, load_text_encoder, render, sample_scene,
-                  shapes_example, tokenize_bytes)
+from data import (BACKGROUNDS, BAD_REASONS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, FileSource,
+                  HFTextEncoder, Mixture, StepBatches, TextCache, caption, eval_prompts, load_image, load_text_encoder,
+                  permute, render, sample_scene, shapes_example, tokenize_bytes)
+from make_shapes_data import write_shapes_data
 from model import ByteTextEncoder
 
 # ---- the shapes set ----
@@ -221,8 +222,8 @@ def test_step_batches_split_over_processes_equals_accumulation():
     src = Mixture({'shapes': 1.0}, 64, 0)
     one = next(iter(StepBatches(src, 8, 4, rank=0, world=1, start_step=3)))          # 2 micro-batches
     ranks = [next(iter(StepBatches(src, 8, 4, rank=r, world=2, start_step=3)))[0] for r in range(2)]
-    assert len(one) == 2 and [m for _, _, m in one] == [0, 1] and [m for _, _, m in ranks] == [0, 1]
-    for (u_a, c_a, _), (u_b, c_b, _) in zip(one, ranks):
+    assert len(one) == 2 and [m for _, _, m, _ in one] == [0, 1] and [m for _, _, m, _ in ranks] == [0, 1]
+    for (u_a, c_a, _, _), (u_b, c_b, _, _) in zip(one, ranks):
         assert torch.equal(u_a, u_b) and c_a == c_b
     assert one[0][1][0] == shapes_example(0, 3 * 8, 64)[1]          # step 3 starts at global sample 24
 
@@ -242,11 +243,219 @@ def test_folder_source_and_weighted_mixture(tmp_path):
             for i in range(n):
                 Image.new('RGB', (40 + i, 30), color).save(d / f'{i}.png')
                 f.write(json.dumps({'file_name': f'{i}.png', 'text': f'{name} {i}'}) + '\n')
-    img, cap = FolderSource(str(tmp_path / 'a'), 16)[1]
+    img, cap = FileSource(str(tmp_path / 'a'), 16).get(1, random.Random(0))
     assert img.shape == (16, 16, 3) and img.dtype == np.uint8 and cap == 'a 1'
     mix = Mixture({str(tmp_path / 'a'): 3.0, str(tmp_path / 'b'): 1.0}, 16, 0)
     caps = [mix[i][1] for i in range(400)]
     share = sum(c.startswith('a') for c in caps) / 400
     assert 0.68 < share < 0.82 and caps == [mix[i][1] for i in range(400)]   # weighted and deterministic
-    with pytest.raises(FileNotFoundError, match='metadata.jsonl'):
-        FolderSource(str(tmp_path), 16)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='holds no images'):
+        Mixture({str(tmp_path / 'empty'): 1.0}, 16, 0)
+
+
+# ---- folders and tar shards ----
+
+def shapes_files(path, n=40, size=32, shard_size=16, seed=0):
+    """make_shapes_data's two layouts: (folder, brace range of the shards), the same n samples in each."""
+    shards = write_shapes_data(str(path), n, size, shard_size, seed=seed)
+    return str(path / 'folder'), str(path / f'{{00000..{len(shards) - 1:05d}}}.tar')
+
+
+def test_folder_and_tar_shards_read_the_same_samples(tmp_path):
+    folder, shards = shapes_files(tmp_path)
+    truth = {shapes_example(0, j, 32)[1]: shapes_example(0, j, 32)[0] for j in range(40)}
+    a, b, c = (Mixture({k: 1.0}, 32, 0) for k in (folder, shards, str(tmp_path / '*.tar')))
+    for i in range(100):
+        (img, cap, bad), (img_b, cap_b, _), (img_c, cap_c, _) = a[i], b[i], c[i]
+        assert cap == cap_b == cap_c and np.array_equal(img, img_b) and np.array_equal(img, img_c) and bad == []
+        assert np.array_equal(img, truth[cap])   # PNG at its own size: the pixels written
+    # a shard cut short (an interrupted copy) is indexed up to the damage; its cut sample reads as bad, not raised
+    data = (tmp_path / '00001.tar').read_bytes()
+    (tmp_path / 'cut').mkdir()
+    (tmp_path / 'cut' / '00000.tar').write_bytes(data[:len(data) // 2 + 700])
+    cut = Mixture({str(tmp_path / 'cut' / '*.tar'): 1.0}, 32, 0)
+    assert 0 < len(cut.sources[0]) < 16 and len([cut[i] for i in range(32)]) == 32
+
+
+def test_folder_layouts_json_captions_and_metadata_jsonl(tmp_path):
+    (tmp_path / 'r' / 'sub').mkdir(parents=True)
+    Image.new('RGB', (20, 20), 'red').save(tmp_path / 'r' / 'sub' / 'x.1.png')
+    (tmp_path / 'r' / 'sub' / 'x.1.json').write_text(json.dumps({'caption': 'from json', 'status': 'success'}))
+    Image.new('RGB', (20, 30), 'blue').save(tmp_path / 'r' / 'y.jpg')
+    (tmp_path / 'r' / 'y.txt').write_text(' from txt\n')
+    src = FileSource(str(tmp_path / 'r'), 16)
+    assert [src.caption(j) for j in range(len(src))] == ['from json', 'from txt']   # recursive, sorted by path
+    assert tuple(src.get(0, random.Random(0))[0][8, 8]) == (255, 0, 0)
+    (tmp_path / 'm').mkdir()
+    Image.new('RGB', (20, 20), 'green').save(tmp_path / 'm' / 'g.png')
+    (tmp_path / 'm' / 'metadata.jsonl').write_text(json.dumps({'file_name': 'g.png', 'text': 'from jsonl'}) + '\n\n')
+    assert FileSource(str(tmp_path / 'm'), 16).get(0, random.Random(0))[1] == 'from jsonl'
+
+
+def test_permutation_and_epochs_without_replacement(tmp_path):
+    for n in (1, 2, 5, 40, 1000, 1025):
+        assert sorted(permute(j, n, 7) for j in range(n)) == list(range(n))
+    folder, _ = shapes_files(tmp_path)
+    mix = Mixture({folder: 1.0}, 32, 0)
+    every = sorted((c, img.tobytes()) for c, img in ((shapes_example(0, j, 32)[1], shapes_example(0, j, 32)[0])
+                                                       for j in range(40)))
+    epochs = [[(mix[i][1], mix[i][0].tobytes()) for i in range(e * 40, e * 40 + 40)] for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == every   # each sample once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]   # a fresh order each epoch
+
+
+def test_weights_3_to_1_give_a_3_to_1_mix(tmp_path):
+    a, _ = shapes_files(tmp_path / 'a', n=8, size=16, seed=1)
+    _, b = shapes_files(tmp_path / 'b', n=8, size=16, seed=2)
+    caps_a = {shapes_example(1, j, 16)[1] for j in range(8)}
+    assert not caps_a & {shapes_example(2, j, 16)[1] for j in range(8)}
+    mix = Mixture({a: 3.0, b: 1.0}, 16, 0)
+    n = 2000
+    share = sum(mix[i][1] in caps_a for i in range(n)) / n
+    assert abs(share - 0.75) < 3 * (0.75 * 0.25 / n) ** 0.5, share   # within 3 sigma
+    assert sum(mix.draw(i)[0] == 0 for i in range(1 << 16)) == 3 << 14   # each block of 65536 holds the exact share
+
+
+def test_one_process_with_accumulation_reads_what_two_ranks_read_and_resume_is_exact(tmp_path):
+    folder, shards = shapes_files(tmp_path, n=24)
+    mix = Mixture({folder: 1.0, shards: 2.0}, 16, 0, random_crop=True, hflip=True)
+    one = next(iter(StepBatches(mix, 8, 4, 0, 1, start_step=5)))
+    ranks = [next(iter(StepBatches(mix, 8, 4, r, 2, start_step=5)))[0] for r in range(2)]
+    for (u_a, c_a, m_a, _), (u_b, c_b, m_b, _) in zip(one, ranks):
+        assert torch.equal(u_a, u_b) and c_a == c_b and m_a == m_b
+    # an uninterrupted loader (2 workers) and one resumed at step 3 read the same steps
+    loader = lambda start: torch.utils.data.DataLoader(StepBatches(mix, 8, 4, 0, 1, start_step=start),
+                                                       batch_size=None, num_workers=2)
+    full = [step for _, step in zip(range(6), loader(0))]
+    resumed = [step for _, step in zip(range(3), loader(3))]
+    for a, b in zip(full[3:], resumed):
+        assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
+    assert torch.equal(one[0][0], full[5][0][0])
+
+
+def test_source_pickles_without_its_index(tmp_path):
+    import pickle
+    folder, _ = shapes_files(tmp_path, n=40)
+    src = FileSource(folder, 16)
+    blob = pickle.dumps(src)   # a spawned DataLoader worker maps the index again: memory does not grow with captions
+    assert len(blob) < 1000 and pickle.loads(blob).caption(7) == src.caption(7)
+
+
+def png(img):
+    import io
+    buf = io.BytesIO()
+    img.save(buf, 'PNG')
+    return buf.getvalue()
+
+
+def test_any_image_mode_becomes_rgb():
+    import io
+    cases = [(Image.new('L', (8, 8), 100), (100, 100, 100)),
+             (Image.new('RGBA', (8, 8), (255, 0, 0, 0)), (255, 255, 255)),        # transparent: white
+             (Image.new('RGBA', (8, 8), (255, 0, 0, 255)), (255, 0, 0)),
+             (Image.new('LA', (8, 8), (0, 0)), (255, 255, 255)),
+             (Image.new('I;16', (8, 8), 32896), (128, 128, 128)),                 # 16-bit: scaled, not clipped
+             (Image.new('1', (8, 8), 1), (255, 255, 255))]
+    p = Image.new('P', (8, 8), 1)
+    p.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    cases.append((p, (0, 0, 255)))
+    p_transparent = p.copy()
+    p_transparent.info['transparency'] = 1
+    cases.append((p_transparent, (255, 255, 255)))
+    for img, want in cases:
+        assert tuple(load_image(png(img), 4)[2, 2]) == want, img.mode
+    buf = io.BytesIO()
+    Image.new('CMYK', (8, 8), (0, 255, 255, 0)).save(buf, 'JPEG', quality=100)   # CMYK red
+    r, g, b = load_image(buf.getvalue(), 4)[2, 2]
+    assert r > 200 and g < 50 and b < 50
+
+
+def test_jpeg_draft_decodes_large_images_near_full_quality():
+    import io
+    y, x = np.mgrid[0:768, 0:1024]
+    arr = np.stack([x / 4, y / 3, (x + y) / 7], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, 'JPEG', quality=90)
+    fast = load_image(buf.getvalue(), 256)   # decoded at 1/2 (the shorter side, 768, stays >= 256... at 1/2: 384)
+    full = Image.open(buf).convert('RGB').resize((256, 256), Image.BILINEAR, box=(128, 0, 896, 768))
+    assert fast.shape == (256, 256, 3) and np.abs(fast.astype(int) - np.asarray(full)).mean() < 2
+
+
+def bad_folder(path, good=10):
+    """A folder with `good` good images and one of each kind of bad sample; returns the reasons it should give."""
+    import io
+    path.mkdir()
+    for i in range(good):
+        Image.new('RGB', (32, 32), (i * 20, 0, 0)).save(path / f'good{i}.png')
+        (path / f'good{i}.txt').write_text(f'good {i}')
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, 'JPEG')
+    files = {'corrupt.png': b'not an image at all' * 10, 'truncated.jpg': jpeg.getvalue()[:len(jpeg.getvalue()) // 2],
+             'empty.png': b'', 'bomb.png': png(Image.new('RGB', (200, 200))), 'small.png': png(Image.new('RGB', (8, 8))),
+             'nocap.png': None, 'emptycap.png': b'   ', 'notutf8.png': b'\xff\xfe caption', 'gone.png': b'x'}
+    for name, cap in files.items():
+        (path / name).write_bytes(cap if name in ('corrupt.png', 'truncated.jpg', 'empty.png', 'bomb.png', 'small.png')
+                                  else png(Image.new('RGB', (32, 32))))
+        if name not in ('nocap.png', 'emptycap.png', 'notutf8.png'):
+            (path / name).with_suffix('.txt').write_text('a caption')
+        elif cap is not None:
+            (path / name).with_suffix('.txt').write_bytes(cap)
+    (path / 'badjson.png').write_bytes(png(Image.new('RGB', (32, 32))))
+    (path / 'badjson.json').write_text('{"caption": ')
+    return set(BAD_REASONS)
+
+
+def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, monkeypatch):
+    reasons = bad_folder(tmp_path / 'bad')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100 * 100)   # the 200x200 image is a decompression bomb
+    mix = Mixture({str(tmp_path / 'bad'): 1.0}, 16, 0, min_size=16)
+    (tmp_path / 'bad' / 'gone.png').unlink()   # indexed, then gone: unreadable
+    n = len(mix.sources[0])
+    assert n == 20
+    steps = iter(StepBatches(mix, n, n, 0, 1))
+    counts = torch.zeros(1, len(BAD_REASONS), dtype=torch.long)
+    for _ in range(2):   # two epochs, no exception
+        for u8, caps, m, bad in next(steps):
+            assert all(c.startswith('good ') for c in caps) and u8.shape == (n, 16, 16, 3)
+            counts += bad
+    assert {r for r, c in zip(BAD_REASONS, counts[0]) if c} == reasons
+    assert (counts[0] >= 2).all() and torch.equal(counts[0], torch.from_numpy(mix.bad[0]))   # each bad one, each epoch
+
+
+def test_a_source_with_too_many_bad_samples_stops_naming_it_and_the_reasons(tmp_path):
+    bad_folder(tmp_path / 'bad', good=2)
+    mix = Mixture({'shapes': 1.0, str(tmp_path / 'bad'): 1.0}, 16, 0, min_size=16, max_bad_fraction=0.5)
+    with pytest.raises(ValueError, match=r"data source '.*bad'.*corrupt_image.*more than max_bad_fraction=0.5"):
+        for i in range(200):
+            mix[i]
+
+
+def test_text_cache_gives_the_on_the_fly_states(tmp_path):
+    from cache_text import build_cache
+    from model import DiT, DiTConfig
+    folder, _ = shapes_files(tmp_path, n=12)
+    model, tok = tiny_t5()
+    enc = HFTextEncoder('tiny-t5', 48, model=model, tokenizer=tok)
+    meta = build_cache({folder: 1.0}, enc, 'tiny-t5', 48, str(tmp_path / 'cache'), batch_size=5, shard_captions=4)
+    assert meta['n_shards'] == 3 and meta['captions'] == len({shapes_example(0, j, 32)[1] for j in range(12)}) + 1
+    cache = TextCache(str(tmp_path / 'cache'), 48, 'cpu', torch.float32, lambda: enc)
+    caps = [shapes_example(0, j, 32)[1] for j in range(12)] + ['']
+    text, mask = cache(caps)
+    assert cache.encoder is None   # every caption was in the cache: the encoder was never needed
+    ref, ref_mask = enc(caps)
+    assert torch.equal(mask, ref_mask) and text.shape == ref.shape
+    assert torch.allclose(text[mask], ref[mask], rtol=1e-2, atol=1e-2)   # bf16 storage
+    assert text[~mask].abs().max() == 0
+    miss, _ = cache(['not in the data'])   # encoded on the fly
+    assert cache.encoder is enc and torch.allclose(miss[0, :16], enc(['not in the data'])[0][0, :16])
+    dit = DiT(DiTConfig(n_layer=1, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim)).eval()
+    z, t = torch.randn(13, 3, 16, 16), torch.rand(13)
+    assert torch.allclose(dit(z, t, text, mask)[0], dit(z, t, ref, ref_mask)[0], atol=1e-2)   # pads are masked
+    # resumable: a shard without its keys file (interrupted) is written again, the finished ones are kept
+    done = (tmp_path / 'cache' / '00001.bin').stat().st_mtime_ns
+    (tmp_path / 'cache' / '00000.keys.npy').unlink()
+    build_cache({folder: 1.0}, enc, 'tiny-t5', 48, str(tmp_path / 'cache'), batch_size=5, shard_captions=4)
+    assert (tmp_path / 'cache' / '00000.keys.npy').exists() and (tmp_path / 'cache' / '00001.bin').stat().st_mtime_ns == done
+    assert torch.equal(TextCache(str(tmp_path / 'cache'), 48, 'cpu', torch.float32, None)(caps)[0], text)

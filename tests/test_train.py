@@ -142,6 +142,8 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--batch_size=0'], 'batch_size=0, want an integer >= 1'),
     (['--warmup_iters=0'], 'warmup_iters=0, want an integer >= 1'),
     (['--data={"/no/such/folder": 1.0}'], "data source '/no/such/folder' does not exist"),
+    (['--data={"/no/{00000..00003}.tar": 1.0}'], "data source '/no/{00000..00003}.tar' does not exist"),
+    (['--max_bad_fraction=2.0'], 'max_bad_fraction=2.0, want a fraction in [0, 1]'),
     (['--pred=eps'], "pred='eps', want one of ('x', 'v')"),
     (['--init_from=resume'], 'init_from=resume but there is no'),
 ])
@@ -261,3 +263,21 @@ def test_torchrun_stops_together_on_one_ranks_sigterm_or_the_clock(tmp_path):
     assert proc.returncode == 0, out
     done = [json.loads(line) for line in open(tmp_path / 'sig' / 'log.jsonl')][-1]
     assert done['stopped_by'] == 'signal' and done['rank_weight_diff'] == 0.0 and ckpt(tmp_path / 'sig')['step'] == done['step']
+
+
+def test_trains_from_files_logs_skipped_samples_and_stops_on_too_many(tmp_path):
+    from make_shapes_data import write_shapes_data
+    write_shapes_data(str(tmp_path / 'd'), 20, 32, 10)
+    folder = tmp_path / 'd' / 'folder' / '00001'
+    (folder / 'broken.png').write_bytes(b'not a png')
+    (folder / 'broken.txt').write_text('a caption')
+    (folder / 'nocaption.png').write_bytes((folder / '00000010.png').read_bytes())
+    data = f"--data={{'{tmp_path / 'd' / 'folder'}': 1.0}}"   # 22 samples, 3 steps of 8: every one read
+    log = train(tmp_path / 'run', data, '--max_iters=3', '--batch_size=8', '--image_size=32', '--min_image_size=16',
+                '--max_bad_fraction=0.2')
+    rows = [r for r in log if 'loss' in r]
+    assert rows[-1]['bad_samples'] == {str(tmp_path / 'd' / 'folder'): {'corrupt_image': 1, 'no_caption': 1}}
+    shards = f"{tmp_path / 'd'}/{{00000..00001}}.tar"
+    err = refused(tmp_path / 'stop', f"--data={{'{shards}': 1.0, '{tmp_path / 'd' / 'folder'}': 1.0}}", '--max_iters=50',
+                  '--batch_size=8', '--image_size=32', '--min_image_size=16', '--max_bad_fraction=0.05')
+    assert f"data source '{tmp_path / 'd' / 'folder'}'" in err and '1 corrupt_image, 1 no_caption' in err, err[-2000:]
