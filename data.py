@@ -105,11 +105,11 @@ BOS = 256  # every byte caption starts with it, so even the empty caption has on
 
 
 def tokenize_bytes(captions, max_len):
-    """BOS + UTF-8 bytes, cut at max_len, padded to the longest caption of the batch (fewer keys to attend to)."""
+    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model never
+    recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no keys)."""
     rows = [[BOS] + list(c.encode('utf-8'))[:max_len - 1] for c in captions]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    ids = torch.zeros(len(rows), max_len, dtype=torch.long)
+    mask = torch.zeros(len(rows), max_len, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
