@@ -23,6 +23,15 @@ def test_newtonschulz_singular_values_near_one(shape):
     assert abs(s.mean().item() - 1) < 0.15, s
 
 
+@pytest.mark.parametrize('shape', SHAPES)
+def test_batched_newtonschulz_equals_one_matrix_at_a_time(shape):
+    # Muon.step stacks same-shape matrices into one batched iteration: each comes out as if alone
+    torch.manual_seed(0)
+    G = torch.randn(5, *shape) * torch.logspace(-2, 1, 5).view(5, 1, 1)   # norms differ: each is scaled on its own
+    batched = zeropower_via_newtonschulz5(G)
+    torch.testing.assert_close(batched, torch.stack([zeropower_via_newtonschulz5(g) for g in G]), atol=1e-5, rtol=1e-4)
+
+
 def _with_spectrum(shape, S):
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(shape[0], len(S)))
@@ -123,7 +132,8 @@ def test_rejects_non_matrix(shape):
         Muon([torch.nn.Parameter(torch.randn(shape))], lr=0.01)
 
 
-DIST_SHAPES = [(16, 16), (8, 24), (24, 8), (4, 32), (12, 12)]  # odd count: ranks get 3 and 2
+# three (16, 16) and two (8, 24): shares of 2 and 1 matrices; shapes of one matrix leave rank 1 an empty share
+DIST_SHAPES = [(16, 16), (8, 24), (24, 8), (4, 32), (16, 16), (12, 12), (8, 24), (16, 16)]
 
 
 def _dist_worker(rank, world, init_file, out_dir):
