@@ -91,6 +91,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # found_inf (torch's GradScaler protocol, as fused AdamW reads it): a tensor, nonzero to skip this step on the
+        # device, weights and momentum untouched; train.py sets it so that no step waits on a host sync
+        found_inf = getattr(self, 'found_inf', None)
+        ok = None if found_inf is None else found_inf == 0
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         world = dist.get_world_size() if distributed else 1
         rank = dist.get_rank() if distributed else 0
@@ -108,9 +112,10 @@ class Muon(torch.optim.Optimizer):
                     if 'momentum_buffer' not in state:
                         state['momentum_buffer'] = torch.zeros_like(p.grad)
                     bufs.append(state['momentum_buffer'])
-                torch._foreach_lerp_(bufs, [p.grad for p in ps], 1 - momentum)
+                grads = [p.grad if ok is None else torch.where(ok, p.grad, buf) for p, buf in zip(ps, bufs)]
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)  # skipped: each buffer moves toward itself
                 per = -(-len(ps) // world)  # matrices per rank; rank r takes ps[r*per:(r+1)*per]
-                mine = [(p.grad, buf) for p, buf in zip(ps, bufs)][rank * per:(rank + 1) * per]
+                mine = list(zip(grads, bufs))[rank * per:(rank + 1) * per]
                 updates = [g.lerp(buf, momentum) if group['nesterov'] else buf for g, buf in mine]
                 G = torch.stack(updates) if updates else ps[0].new_zeros(0, *shape)
                 ortho = zeropower_via_newtonschulz5(G, group['ns_steps'])  # (len(updates), *shape)
@@ -121,8 +126,14 @@ class Muon(torch.optim.Optimizer):
                     gathered = [torch.empty_like(flat) for _ in range(world)]
                     dist.all_gather(gathered, flat)
                     ortho = torch.cat(gathered)
-                torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled, with the unscaled lr as torch.optim.Muon
-                scale = self.lr_scale(shape, group['adjust_lr'])
-                for p, o in zip(ps, ortho):
-                    p.add_(o, alpha=-lr * scale)
+                decay, alpha = 1 - lr * wd, -lr * self.lr_scale(shape, group['adjust_lr'])
+                if ok is None:
+                    torch._foreach_mul_(ps, decay)  # decoupled, with the unscaled lr as torch.optim.Muon
+                    for p, o in zip(ps, ortho):
+                        p.add_(o, alpha=alpha)
+                else:
+                    torch._foreach_mul_(ps, torch.where(ok, decay, 1.0))
+                    alpha = ok * alpha
+                    for p, o in zip(ps, ortho):
+                        p.addcmul_(o, alpha)
         return loss

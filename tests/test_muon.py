@@ -126,6 +126,28 @@ def test_state_dict_resumes():
         assert torch.equal(a, b)
 
 
+def test_found_inf_skips_the_step_on_the_device():
+    # train.py's skip of a non-finite step without a host sync: found_inf = 1 leaves weights and momentum as they
+    # were (NaN gradients included), found_inf = 0 is the ordinary step
+    shapes = [(8, 12), (8, 12), (12, 8)]
+    ref = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), shapes, steps=2)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    gen = torch.Generator().manual_seed(1)
+    opt = Muon(ps, lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) if step != 1 else torch.full(p.shape, float('nan'))
+        opt.found_inf = torch.tensor(float(step == 1))
+        opt.step()
+        if step == 1:   # the skipped NaN step: replay the draws the reference saw at its second step
+            gen = torch.Generator().manual_seed(1)
+            for p in ps:
+                torch.randn(p.shape, generator=gen)
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.detach(), b)
+
+
 @pytest.mark.parametrize('shape', [(4,), (2, 3, 4)])
 def test_rejects_non_matrix(shape):
     with pytest.raises(ValueError, match=str(shape)):
