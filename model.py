@@ -206,13 +206,13 @@ class DiT(nn.Module):
 
     def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                              muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw',
-                             fused=None):
+                             fused=True):
         """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
         the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them.
-        fused: AdamW's one-kernel step; None = on for CUDA parameters (on a CPU the default foreach step stays)."""
+        fused: AdamW's one-kernel step, on a GPU and on a CPU (equal to the foreach step, tests/test_model.py, and
+        faster on both, BENCHMARKS.md); it also skips a non-finite step on the device (found_inf), as train.py needs."""
         named = list(self.named_parameters())
         to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
-        fused = next(self.parameters()).is_cuda if fused is None else fused
         opts = [torch.optim.AdamW([p for n, p in named if n not in to_muon], lr=learning_rate, betas=betas, eps=eps,
                                   weight_decay=weight_decay, fused=fused)]
         if optimizer == 'muon':

@@ -215,3 +215,20 @@ def test_compiles_as_one_graph_that_never_recompiles_as_captions_change():
             torch.testing.assert_close(out, m(z, t, ids, mask, route=route)[0])   # the graph is the eager model
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+def test_fused_adamw_equals_the_foreach_step():
+    # configure_optimizers fuses AdamW on every device (train.py's device-side skip needs it): same weights as the
+    # foreach step it replaced
+    weights = []
+    for fused in (True, False):
+        m = tiny(text_pool=True)
+        opt, muon = m.configure_optimizers('muon', learning_rate=1e-2, weight_decay=0.1, fused=fused)
+        z, t, ids, mask = inputs()
+        for _ in range(3):
+            m(z, t, ids, mask)[0].square().mean().backward()
+            opt.step(), muon.step()
+            opt.zero_grad(), muon.zero_grad()
+        weights.append(m.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-5, rtol=1e-5)   # steps of 1e-2: rounding
