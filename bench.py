@@ -38,7 +38,8 @@ from muon import Muon
 # -----------------------------------------------------------------------------
 # the CPU default: the step's switches on a small model without teachers (at their real sizes they take seconds a
 # step on a CPU); config/bench_speedrun.py lists the GPU's
-variants = ['plain', 'plain+compile', 'tread', 'tread+compile', 'muon', 'muon_loop', 'fused', 'sync']
+variants = ['plain', 'plain+compile', 'tread', 'tread+compile', 'muon', 'muon_loop', 'fused', 'sync',
+            'tread+muon+fused+compile']
 image_size = 64
 batch_size = 64
 patch_size = 8
@@ -190,6 +191,8 @@ if __name__ == '__main__':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     used = set().union(*(switches(v) for v in variants))
+    # each variant's model is another graph (a rebuilt model of the same variant reuses its own): room for them all
+    torch._dynamo.config.recompile_limit = 64
     spans = []   # the teachers' (start, end) marks of the current step
 
     def teachers(compiled):
@@ -212,7 +215,6 @@ if __name__ == '__main__':
         for v in variants:
             on = switches(v)
             if 'compile' in on:
-                torch._dynamo.reset()   # a model built afresh would otherwise count as a recompile of the last one
                 compiled_teachers = compiled_teachers or teachers(True)
             nets = (compiled_teachers if 'compile' in on else plain_teachers)
             raw_teacher, teacher = nets.get('repa', (None, None))
@@ -275,7 +277,7 @@ if __name__ == '__main__':
             tflops = flops * batch_size / ms / 1e9   # achieved, model FLOPs only
             rows[v] = {'variant': v, 'ms_per_step': round(ms, 1), 'images_per_s': round(batch_size * 1000 / ms, 1),
                        'ms': {k: round(s, 1) for k, s in split.items()},
-                       'tflop_per_image': round(flops / 1e12, 4), 'tflops': round(tflops, 2),
+                       'gflop_per_image': round(flops / 1e9, 3), 'tflops': round(tflops, 2),
                        'mfu': round(tflops / peak, 3) if peak else None, 'device': card, 'dtype': dtype,
                        'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
                        'image_size': image_size, 'batch_size': batch_size, 'text_len': text_len,
