@@ -173,7 +173,8 @@ def batches():
         if text_encoder == 'bytes':
             text, mask = tokenize_bytes(captions, text_len)
         else:
-            text, mask = torch.randn(batch_size, text_len, text_dim, generator=gen), torch.ones(batch_size, text_len, dtype=torch.bool)
+            text = torch.randn(batch_size, text_len, text_dim, generator=gen).to(getattr(torch, dtype))
+            mask = torch.ones(batch_size, text_len, dtype=torch.bool)
         batch = [a.pin_memory() if pin else a for a in (u8, text, mask)]
         while True:
             yield batch
@@ -181,108 +182,116 @@ def batches():
                 break
 
 
+def teachers(used, compiled, spans):
+    """{trick: (net, the net the loss calls)} for the teachers the variants use: frozen, in the autocast dtype on a
+    GPU, compiled or not (what losses.py calls: a timm ViT's forward_features, LPIPS itself), timed."""
+    load = {'repa': lambda: load_repa_teacher(repa_teacher, teachers_pretrained),
+            'dino': lambda: load_dino(dino_model, teachers_pretrained), 'lpips': lambda: load_lpips(teachers_pretrained)}
+    out = {}
+    for k in ('repa', 'dino', 'lpips'):
+        if k in used:
+            net = load[k]().to(device, getattr(torch, dtype) if device.startswith('cuda') else torch.float32)
+            if compiled and k != 'lpips':
+                net.forward_features = torch.compile(net.forward_features, mode=compile_mode)
+            out[k] = (net, Timed(torch.compile(net, mode=compile_mode) if compiled and k == 'lpips' else net, spans))
+    return out
+
+
+def run(variant, nets, data, spans):
+    """Time one variant's training step: its row of figures."""
+    on, cuda = switches(variant), device.startswith('cuda')
+    ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
+    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
+    teacher_raw, teacher = nets.get('repa', (None, None))
+    dino_raw, dino_net = nets.get('dino', (None, None))
+    lpips_raw, lpips_net = nets.get('lpips', (None, None))
+    torch.manual_seed(0)
+    raw, model, adam, muon = build(on, teacher_raw)  # built afresh each time: one model in memory at once
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cfg = LossConfig(patch_size=patch_size, t_mean=0.0, t_std=1.0, t_shift=3.0,
+                     route_ratio=route_ratio if 'tread' in on else 0.0,
+                     **{k: w for trick, kw in WEIGHTS.items() if trick in on for k, w in kw.items()})
+    gen = torch.Generator(device).manual_seed(0)
+    marks = []
+    t_start = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize() if cuda else None
+            t0 = time.perf_counter()
+        spans.clear()
+        m0 = mark()
+        u8, text, mask = (a.to(device, non_blocking=True) for a in next(data))
+        x = to_model_images(u8)
+        m1 = mark()
+        with autocast:
+            loss, _ = diffusion_loss(model, x, text, mask, gen, cfg, lpips_net, dino_net, teacher)
+        m2 = mark()
+        loss.backward()
+        m3 = mark()
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
+        if 'sync' in on:
+            bool(torch.isfinite(norm))
+        adam.step()
+        m4 = mark()
+        if muon is not None:
+            muon.step()
+        m5 = mark()
+        adam.zero_grad(set_to_none=True)
+        if muon is not None:
+            muon.zero_grad(set_to_none=True)
+        if i >= warmup:
+            marks.append(((m0, m1), (m1, m2), (m2, m3), (m3, m4), (m4, m5), list(spans)))
+    torch.cuda.synchronize() if cuda else None
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    split = dict.fromkeys(('data', 'forward', 'teachers', 'backward', 'adam', 'muon'), 0.0)
+    for *phases, teacher_spans in marks:
+        for k, (a, b) in zip(('data', 'forward', 'backward', 'adam', 'muon'), phases):
+            split[k] += ms_between(a, b) / steps
+        t = sum(ms_between(a, b) for a, b in teacher_spans) / steps
+        split['forward'] -= t   # the teachers are called inside the forward
+        split['teachers'] += t
+    flops = step_flops(raw, on, teacher_raw, lpips_raw, dino_raw)
+    card = torch.cuda.get_device_name() if cuda else 'cpu'
+    peak = peak_tflops or next((p for k, p in PEAK_TFLOPS.items() if k in card), 0.0)
+    tflops = flops * batch_size / ms / 1e9   # achieved: the FLOPs the step needs over its time
+    return {'variant': variant, 'ms_per_step': round(ms, 1), 'images_per_s': round(batch_size * 1000 / ms, 1),
+            'ms': {k: round(s, 1) for k, s in split.items()}, 'gflop_per_image': round(flops / 1e9, 3),
+            'tflops': round(tflops, 2), 'mfu': round(tflops / peak, 3) if peak else None, 'device': card,
+            'dtype': dtype, 'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
+            'image_size': image_size, 'batch_size': batch_size, 'text_len': text_len,
+            'warmup_s': round(t0 - t_start, 1),   # compilation, in 'compile' variants
+            **({'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}
+
+
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
-    ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
-    autocast = torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32)
-    cuda = device.startswith('cuda')
-    if cuda:
+    if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     used = set().union(*(switches(v) for v in variants))
     # each variant's model is another graph (a rebuilt model of the same variant reuses its own): room for them all
     torch._dynamo.config.recompile_limit = 64
     spans = []   # the teachers' (start, end) marks of the current step
-
-    def teachers(compiled):
-        """The teachers the variants use, frozen, in the autocast dtype on a GPU, compiled or not, timed."""
-        nets = {'repa': lambda: load_repa_teacher(repa_teacher, teachers_pretrained),
-                'dino': lambda: load_dino(dino_model, teachers_pretrained), 'lpips': lambda: load_lpips(teachers_pretrained)}
-        out = {}
-        for k in ('repa', 'dino', 'lpips'):
-            if k in used:
-                net = nets[k]().to(device, ptdtype if cuda else torch.float32)
-                if compiled and k != 'lpips':
-                    net.forward_features = torch.compile(net.forward_features, mode=compile_mode)
-                out[k] = (net, Timed(torch.compile(net, mode=compile_mode) if compiled and k == 'lpips' else net, spans))
-        return out
-
-    plain_teachers, compiled_teachers = teachers(False), None
+    plain, compiled = teachers(used, False, spans), None
     data = batches()
-    best, rows = {}, {}
+    rows = {}
     for r in range(rounds):
         for v in variants:
-            on = switches(v)
-            if 'compile' in on:
-                compiled_teachers = compiled_teachers or teachers(True)
-            nets = (compiled_teachers if 'compile' in on else plain_teachers)
-            raw_teacher, teacher = nets.get('repa', (None, None))
-            dino_raw, dino_net = nets.get('dino', (None, None))
-            lpips_raw, lpips_net = nets.get('lpips', (None, None))
-            torch.manual_seed(0)
-            raw, model, adam, muon = build(on, raw_teacher)  # built afresh each time: one model in memory at once
-            if cuda:
+            if 'compile' in switches(v) and compiled is None:
+                compiled = teachers(used, True, spans)
+            try:
+                row = run(v, compiled if 'compile' in switches(v) else plain, data, spans)
+            except torch.OutOfMemoryError:   # the micro-batch does not fit: say so and go on
+                row = {'variant': v, 'oom': True, 'image_size': image_size, 'batch_size': batch_size}
+            if 'ms_per_step' in row and row['ms_per_step'] <= rows.get(v, {}).get('ms_per_step', float('inf')):
+                rows[v] = row   # each variant's best round
+            rows.setdefault(v, row)
+            if device.startswith('cuda'):
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            cfg = LossConfig(patch_size=patch_size, t_mean=0.0, t_std=1.0, t_shift=3.0,
-                             route_ratio=route_ratio if 'tread' in on else 0.0,
-                             **{k: w for trick, kw in WEIGHTS.items() if trick in on for k, w in kw.items()})
-            gen = torch.Generator(device).manual_seed(0)
-            split = dict.fromkeys(('data', 'forward', 'teachers', 'backward', 'adam', 'muon'), 0.0)
-            marks = []
-            for i in range(warmup + steps):
-                if i == warmup:
-                    torch.cuda.synchronize() if cuda else None
-                    t0 = time.perf_counter()
-                spans.clear()
-                m0 = mark()
-                u8, text, mask = (a.to(device, non_blocking=True) for a in next(data))
-                x = to_model_images(u8)
-                m1 = mark()
-                with autocast:
-                    loss, _ = diffusion_loss(model, x, text, mask, gen, cfg, lpips_net, dino_net, teacher)
-                m2 = mark()
-                loss.backward()
-                m3 = mark()
-                norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-                if 'sync' in on:
-                    bool(torch.isfinite(norm))
-                adam.step()
-                m4 = mark()
-                if muon is not None:
-                    muon.step()
-                m5 = mark()
-                adam.zero_grad(set_to_none=True)
-                if muon is not None:
-                    muon.zero_grad(set_to_none=True)
-                if i >= warmup:
-                    marks.append((m0, m1, m2, m3, m4, m5, list(spans)))
-            torch.cuda.synchronize() if cuda else None
-            ms = 1000 * (time.perf_counter() - t0) / steps
-            for m0, m1, m2, m3, m4, m5, teacher_spans in marks:
-                t = sum(ms_between(a, b) for a, b in teacher_spans)
-                for k, (a, b) in zip(('data', 'forward', 'backward', 'adam', 'muon'),
-                                     ((m0, m1), (m1, m2), (m2, m3), (m3, m4), (m4, m5))):
-                    split[k] += ms_between(a, b) / steps
-                split['forward'] -= t / steps
-                split['teachers'] += t / steps
-            if v in best and best[v] <= ms:
-                del raw, model, adam, muon
-                continue
-            best[v] = ms
-            flops = step_flops(raw, on, raw_teacher, lpips_raw, dino_raw)
-            card = torch.cuda.get_device_name() if cuda else 'cpu'
-            peak = peak_tflops or next((p for k, p in PEAK_TFLOPS.items() if k in card), 0.0)
-            tflops = flops * batch_size / ms / 1e9   # achieved, model FLOPs only
-            rows[v] = {'variant': v, 'ms_per_step': round(ms, 1), 'images_per_s': round(batch_size * 1000 / ms, 1),
-                       'ms': {k: round(s, 1) for k, s in split.items()},
-                       'gflop_per_image': round(flops / 1e9, 3), 'tflops': round(tflops, 2),
-                       'mfu': round(tflops / peak, 3) if peak else None, 'device': card, 'dtype': dtype,
-                       'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
-                       'image_size': image_size, 'batch_size': batch_size, 'text_len': text_len,
-                       **({'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}
-            del raw, model, adam, muon
-    base = best.get(variants[0])
+    base = rows[variants[0]].get('ms_per_step')
     for v in variants:
-        print(json.dumps({**rows[v], 'ratio_to_first': round(best[v] / base, 3)}), flush=True)
+        ratio = round(rows[v]['ms_per_step'] / base, 3) if base and 'ms_per_step' in rows[v] else None
+        print(json.dumps({**rows[v], 'ratio_to_first': ratio}), flush=True)
