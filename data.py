@@ -116,6 +116,13 @@ def tokenize_bytes(captions, max_len):
     return ids, mask
 
 
+def to_device(t, device):
+    """A host tensor on `device`; on a GPU pinned and non-blocking: a copy from pageable memory waits for the GPU."""
+    if torch.device(device).type != 'cuda':
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class HFTextEncoder(nn.Module):
     """Any Hugging Face encoder by name (the speedrun: T5Gemma's encoder, 256 tokens), frozen, with its padding mask.
     `model`/`tokenizer` objects may be passed instead of downloading (tests build tiny random ones)."""
@@ -137,14 +144,14 @@ class HFTextEncoder(nn.Module):
     def forward(self, captions):
         tok = self.tokenizer(captions, padding='max_length', max_length=self.max_len, truncation=True, return_tensors='pt')
         device = next(self.encoder.parameters()).device
-        ids, mask = tok['input_ids'].to(device), tok['attention_mask'].to(device).bool()
+        ids, mask = to_device(tok['input_ids'], device), to_device(tok['attention_mask'], device).bool()
         return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
 def load_text_encoder(name, max_len, device='cpu', dtype=torch.float32, pretrained=True):
     """Returns encode(captions) -> (text, mask) on `device`: byte ids for 'bytes', frozen states otherwise."""
     if name == 'bytes':
-        return lambda captions: tuple(a.to(device) for a in tokenize_bytes(captions, max_len))
+        return lambda captions: tuple(to_device(a, device) for a in tokenize_bytes(captions, max_len))
     return HFTextEncoder(name, max_len, device, dtype)
 
 

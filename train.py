@@ -259,9 +259,13 @@ if master:
 
 @torch.no_grad()
 def update_ema(n_updates, ok):
-    """ok: a 0-dim 0/1 tensor, 0 for a skipped step (the EMA stays, decided on the device)."""
+    """ok: a 0-dim 0/1 tensor, 0 for a skipped step, which leaves the EMA as it was: decided on the device."""
     decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
-    torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), ok * (1 - decay))
+    # ema += ok (1 - decay) (raw - ema); not _foreach_lerp_, which would read a tensor weight back to the host
+    ema_params = list(ema.parameters())
+    delta = torch._foreach_sub(list(raw.parameters()), ema_params)
+    torch._foreach_mul_(delta, ok * (1 - decay))
+    torch._foreach_add_(ema_params, delta)
 
 
 def save_checkpoint():
