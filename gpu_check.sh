@@ -5,7 +5,7 @@
 # /tmp/gpu_out) as JSON lines plus summary.md, one table per file. The GPU image lacks lpips: first, here,
 # `pip download lpips --no-deps -d wheels/` and carry wheels/ (git ignores it).
 #   gpu_check.sh                 # every part, in this order (about 25 minutes on an H100/H200: compiling is most)
-#   gpu_check.sh b512 b1024      # some parts: b512 (~8 min), b1024 (~6), tests (~2), mb (~2), train (~6)
+#   gpu_check.sh b512 b1024      # some parts: b512 (~8 min), b1024 (~6), tests (~2), sync (~1), mb (~2), train (~6)
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -13,7 +13,7 @@ python3 -c "import lpips" 2>/dev/null || python3 -m pip install -q --no-deps whe
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/env.txt"
 export OMP_NUM_THREADS=4
-PARTS=${*:-b512 b1024 tests mb train}
+PARTS=${*:-b512 b1024 tests sync mb train}
 SPEED="config/bench_speedrun.py"
 S2=tread+lpips+dino   # stage 2 (1024px) has REPA off
 
@@ -30,6 +30,16 @@ tests)
 echo "=== tests: compile (fullgraph, no recompile), FLOP counts, Muon, fused AdamW, FD on CUDA"
 time timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_muon.py tests/test_bench.py \
     tests/test_eval.py -k "not distributed" 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+sync)
+echo "=== sync: host syncs in train.py's loop: each is a warning (set_sync_debug_mode); 60 steps, logs every 20, so a"
+echo "    sync a step would show 60 or more; the loop's own are the logging reads (3) and the first step's compilation"
+PYTHONWARNINGS=always timeout 300 python3 -c "import runpy, sys, torch; torch.cuda.set_sync_debug_mode('warn'); \
+sys.argv = ['train.py', '--out_dir=/tmp/syncrun', '--max_iters=60', '--log_interval=20', '--eval_interval=0', \
+'--sample_interval=0', '--ckpt_interval=0', '--num_workers=2', '--optimizer=muon', '--route_ratio=0.5']; \
+runpy.run_path('train.py', run_name='__main__')" > "$OUT/sync.log" 2>&1
+echo "sync warnings: $(grep -c 'called a synchronizing CUDA operation' "$OUT/sync.log")" | tee "$OUT/sync.txt"
+grep -B1 -A3 'called a synchronizing' "$OUT/sync.log" | grep -E 'File|line' | sort | uniq -c | sort -rn | head -20 \
+    | tee -a "$OUT/sync.txt" ;;
 mb)
 echo "=== mb: the micro-batch that fits, full recipe, eager (peak memory; an OOM prints a row with oom: true)"
 for b in 64 128 256; do
@@ -47,7 +57,7 @@ time timeout 600 torchrun --nproc_per_node=1 train.py config/speedrun.py --out_d
     --batch_size=32 --micro_batch=32 --max_iters=40 --warmup_iters=1 --log_interval=10 --sample_interval=0 \
     --ckpt_interval=0 --num_workers=12 --compile=True
 cp /tmp/speed/log.jsonl "$OUT/train_512_log.jsonl" ;;
-*) echo "unknown part $part (want b512 b1024 tests mb train)" ;;
+*) echo "unknown part $part (want b512 b1024 tests sync mb train)" ;;
 esac
 done
 
@@ -68,6 +78,8 @@ for name in ('bench_512.jsonl', 'bench_1024.jsonl', 'bench_512_mb.jsonl', 'bench
     lines += ['| ' + ' | '.join(str(r.get(c, 'OOM' if r.get('oom') else '')) for c in cols) + ' | '
               + ' | '.join(str(r.get('ms', {}).get(k, '')) for k in split) + ' |' for r in rows]
     lines.append('')
+if os.path.exists(os.path.join(out, 'sync.txt')):
+    lines += ['## host syncs in train.py (sync.txt)', '', '```', open(os.path.join(out, 'sync.txt')).read().strip(), '```', '']
 path = os.path.join(out, 'train_512_log.jsonl')
 if os.path.exists(path):
     lines += ['## train_512_log.jsonl', '', '```'] + [l.strip() for l in open(path)] + ['```']
