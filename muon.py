@@ -19,12 +19,16 @@ bfloat16 precision (tests/test_muon.py checks it).
 
 The speedrun (docs/recipe.md): lr 1e-4, momentum 0.95, nesterov, 5 Newton-Schulz steps.
 
+Batched: the matrices of one shape are stacked and orthogonalised together, one
+batched matmul per Newton-Schulz product (the speedrun's 168 matrices come in 5
+shapes): a GPU runs a few large kernels instead of hundreds of small ones.
+
 Distributed: with torch.distributed initialised, the matrices of each shape are
 split into world_size contiguous shares, each rank orthogonalises its share as one
 batch and an all_gather per shape gives every rank all results, so Newton-Schulz
-work is split world_size ways while every rank ends with the same parameters. Gradients must already be
-identical on every rank (DDP all-reduces them), so each rank keeps all momentum
-buffers and the state dict is an ordinary Optimizer one.
+work is split world_size ways while every rank ends with the same parameters.
+Gradients must already be identical on every rank (DDP all-reduces them), so each
+rank keeps all momentum buffers and the state dict is an ordinary Optimizer one.
 """
 
 import math
