@@ -6,6 +6,7 @@ mean something on a named GPU.
     python bench.py                                   # CPU: the step's speed switches on a small model
     python bench.py config/bench_speedrun.py          # GPU: the speedrun model at 512px (gpu_check.sh)
     python bench.py --variants="['all+muon', 'all+muon+compile']" --dtype=bfloat16
+    python bench.py config/bench_speedrun.py --compile=True    # every variant compiled
 
 A variant is '+'-joined switches, each off unless named:
   the recipe's tricks  tread (50% of tokens routed), repa, lpips, dino; 'all' = all four
@@ -63,6 +64,7 @@ rounds = 2                # variants are timed in turn, `rounds` times, keeping 
 peak_tflops = 0.0         # the device's peak for MFU; 0 = look the card up in PEAK_TFLOPS (bf16 dense)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
+compile = False           # True: every variant compiled, as if each had '+compile'
 compile_mode = 'default'  # torch.compile's mode for 'compile' variants ('max-autotune-no-cudagraphs' tunes matmuls)
 # -----------------------------------------------------------------------------
 WEIGHTS = {'repa': {'repa_weight': 0.5}, 'lpips': {'lpips_weight': 0.1}, 'dino': {'dino_weight': 0.01}}
@@ -74,7 +76,7 @@ def switches(variant):
     on = set(variant.split('+'))
     if on - SWITCHES:
         raise SystemExit(f'bench.py: unknown switch {sorted(on - SWITCHES)} in variant {variant!r}; know {sorted(SWITCHES)}')
-    return on | ({'tread', 'repa', 'lpips', 'dino'} if 'all' in on else set())
+    return on | ({'tread', 'repa', 'lpips', 'dino'} if 'all' in on else set()) | ({'compile'} if compile else set())
 
 
 def vit_flops(net, image_size):
@@ -259,7 +261,7 @@ def run(variant, nets, data, spans):
     return {'variant': variant, 'ms_per_step': round(ms, 1), 'images_per_s': round(batch_size * 1000 / ms, 1),
             'ms': {k: round(s, 1) for k, s in split.items()}, 'gflop_per_image': round(flops / 1e9, 3),
             'tflops': round(tflops, 2), 'mfu': round(tflops / peak, 3) if peak else None, 'device': card,
-            'dtype': dtype, 'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
+            'compiled': 'compile' in on, 'dtype': dtype, 'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
             'image_size': image_size, 'batch_size': batch_size, 'text_len': text_len,
             'warmup_s': round(t0 - t_start, 1),   # compilation, in 'compile' variants
             **({'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}
@@ -286,6 +288,8 @@ if __name__ == '__main__':
                 row = run(v, compiled if 'compile' in switches(v) else plain, data, spans)
             except torch.OutOfMemoryError:   # the micro-batch does not fit: say so and go on
                 row = {'variant': v, 'oom': True, 'image_size': image_size, 'batch_size': batch_size}
+            except Exception as e:   # e.g. a graph break under fullgraph: one variant's failure costs no other's
+                row = {'variant': v, 'error': f'{type(e).__name__}: {e}'[:500]}
             if 'ms_per_step' in row and row['ms_per_step'] <= rows.get(v, {}).get('ms_per_step', float('inf')):
                 rows[v] = row   # each variant's best round
             rows.setdefault(v, row)

@@ -75,7 +75,7 @@ for name in ('bench_512.jsonl', 'bench_1024.jsonl', 'bench_512_mb.jsonl', 'bench
     split = ['data', 'forward', 'teachers', 'backward', 'adam', 'muon']
     lines += [f'## {name}', '', '| ' + ' | '.join(cols + [f'ms {k}' for k in split]) + ' |',
               '|' + '---|' * (len(cols) + len(split))]
-    lines += ['| ' + ' | '.join(str(r.get(c, 'OOM' if r.get('oom') else '')) for c in cols) + ' | '
+    lines += ['| ' + ' | '.join(str(r.get(c, 'OOM' if r.get('oom') else r.get('error', '')[:80])) for c in cols) + ' | '
               + ' | '.join(str(r.get('ms', {}).get(k, '')) for k in split) + ' |' for r in rows]
     lines.append('')
 if os.path.exists(os.path.join(out, 'sync.txt')):
