@@ -6,6 +6,7 @@ appear with its colour, shape, size and place?
     python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
     python eval.py --out_dir=out --n=200     # sample the evaluation prompts from out/ckpt.pt, then score
     python eval.py --samples_dir=samples --fd_ref=ref_images   # also FD_DINOv2 against a folder of real images
+                                             # (sample.py --prompts=captions.txt writes such a samples folder)
 
 FD_DINOv2 (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics"): the Frechet distance
 between Gaussians fitted to DINOv2 features of the generated and of the reference images, FID with DINOv2 in
@@ -223,7 +224,12 @@ if __name__ == '__main__':
         images, captions = load_dir(samples_dir)
         if not images:
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
-        report = score(images, captions, [caption_group(c) for c in captions])
+        try:
+            report = score(images, captions, [caption_group(c) for c in captions])
+        except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
+            if not fd_ref:
+                raise
+            report = {}
     elif out_dir:
         import torch
         from sample import load_model, run_dir, sample_to_dir
