@@ -75,7 +75,8 @@ PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'H20': 148.0, 'A100': 312.0, 'B200'
 def switches(variant):
     on = set(variant.split('+'))
     if on - SWITCHES:
-        raise SystemExit(f'bench.py: unknown switch {sorted(on - SWITCHES)} in variant {variant!r}; know {sorted(SWITCHES)}')
+        raise SystemExit(f'bench.py: unknown switch {sorted(on - SWITCHES)} in variant {variant!r}; '
+                         f'know {sorted(SWITCHES)}')
     return on | ({'tread', 'repa', 'lpips', 'dino'} if 'all' in on else set()) | ({'compile'} if compile else set())
 
 
@@ -188,7 +189,8 @@ def teachers(used, compiled, spans):
     """{trick: (net, the net the loss calls)} for the teachers the variants use: frozen, in the autocast dtype on a
     GPU, compiled or not (what losses.py calls: a timm ViT's forward_features, LPIPS itself), timed."""
     load = {'repa': lambda: load_repa_teacher(repa_teacher, teachers_pretrained),
-            'dino': lambda: load_dino(dino_model, teachers_pretrained), 'lpips': lambda: load_lpips(teachers_pretrained)}
+            'dino': lambda: load_dino(dino_model, teachers_pretrained),
+            'lpips': lambda: load_lpips(teachers_pretrained)}
     out = {}
     for k in ('repa', 'dino', 'lpips'):
         if k in used:
@@ -261,7 +263,8 @@ def run(variant, nets, data, spans):
     return {'variant': variant, 'ms_per_step': round(ms, 1), 'images_per_s': round(batch_size * 1000 / ms, 1),
             'ms': {k: round(s, 1) for k, s in split.items()}, 'gflop_per_image': round(flops / 1e9, 3),
             'tflops': round(tflops, 2), 'mfu': round(tflops / peak, 3) if peak else None, 'device': card,
-            'compiled': 'compile' in on, 'dtype': dtype, 'model': f'{n_layer}x{n_embd}', 'params_M': round(raw.num_params() / 1e6, 2),
+            'compiled': 'compile' in on, 'dtype': dtype, 'model': f'{n_layer}x{n_embd}',
+            'params_M': round(raw.num_params() / 1e6, 2),
             'image_size': image_size, 'batch_size': batch_size, 'text_len': text_len,
             'warmup_s': round(t0 - t_start, 1),   # compilation, in 'compile' variants
             **({'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}

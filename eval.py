@@ -35,6 +35,7 @@ use_ema = True
 batch_size = 100
 fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv2 of the samples against them
 fd_model = 'vit_base_patch14_reg4_dinov2'  # any timm ViT; its pooled features at 224px are compared
+fd_pretrained = True  # False: random weights (tests, no download)
 device = ''  # default: cuda if available, else cpu
 dtype = ''   # default: bfloat16 on cuda, else float32
 
@@ -193,7 +194,8 @@ def features(net, images, device, batch_size=50):
     mean, std = torch.tensor(cfg['mean']).view(1, 3, 1, 1), torch.tensor(cfg['std']).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(images), batch_size):
-        x = np.stack([np.asarray(Image.fromarray(im).resize(size[::-1], Image.BICUBIC)) for im in images[i:i + batch_size]])
+        x = np.stack([np.asarray(Image.fromarray(im).resize(size[::-1], Image.BICUBIC))
+                      for im in images[i:i + batch_size]])
         x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - mean) / std
         with torch.no_grad():
             out.append(net(x.to(device)).double().cpu())
@@ -250,7 +252,7 @@ if __name__ == '__main__':
         import timm
         import torch
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        net = timm.create_model(fd_model, pretrained=True, num_classes=0, img_size=224).to(device).eval()
+        net = timm.create_model(fd_model, pretrained=fd_pretrained, num_classes=0, img_size=224).to(device).eval()
         report['fd_dinov2'] = fd_dinov2(images, load_images(fd_ref), net, device)
     if out_dir:
         with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:

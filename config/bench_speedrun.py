@@ -1,7 +1,8 @@
 # bench.py at the speedrun's size (config/speedrun.py), stage 1: 512px, patch 32 (256 tokens), 24 blocks x 1024,
 # TREAD 50% of blocks 2..22, REPA at block 8, T5Gemma's 256 cached text states (2304 wide; random here).
 #   python bench.py config/bench_speedrun.py                                # the variants below, micro-batch 32
-#   python bench.py config/bench_speedrun.py --image_size=1024 --batch_size=16 --variants="['tread+lpips+dino+muon+fused']"
+#   python bench.py config/bench_speedrun.py --image_size=1024 --batch_size=16 \
+#       --variants="['tread+lpips+dino+muon+fused']"
 image_size = 512
 batch_size = 32           # the speedrun's micro-batch per GPU
 patch_size = 32
