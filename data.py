@@ -111,15 +111,22 @@ BOS = 256  # every byte caption starts with it, so even the empty caption has on
 
 
 def tokenize_bytes(captions, max_len):
-    """BOS + UTF-8 bytes, cut at max_len, padded to the longest caption of the batch (fewer keys to attend to)."""
+    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model never
+    recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no keys)."""
     rows = [[BOS] + list(c.encode('utf-8'))[:max_len - 1] for c in captions]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    ids = torch.zeros(len(rows), max_len, dtype=torch.long)
+    mask = torch.zeros(len(rows), max_len, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
     return ids, mask
+
+
+def to_device(t, device):
+    """A host tensor on `device`; on a GPU pinned and non-blocking: a copy from pageable memory waits for the GPU."""
+    if torch.device(device).type != 'cuda':
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class HFTextEncoder(nn.Module):
@@ -143,7 +150,7 @@ class HFTextEncoder(nn.Module):
     def forward(self, captions):
         tok = self.tokenizer(captions, padding='max_length', max_length=self.max_len, truncation=True, return_tensors='pt')
         device = next(self.encoder.parameters()).device
-        ids, mask = tok['input_ids'].to(device), tok['attention_mask'].to(device).bool()
+        ids, mask = to_device(tok['input_ids'], device), to_device(tok['attention_mask'], device).bool()
         return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
@@ -151,7 +158,7 @@ def load_text_encoder(name, max_len, device='cpu', dtype=torch.float32, pretrain
     """Returns encode(captions) -> (text, mask) on `device`: byte ids for 'bytes', frozen states otherwise, read from
     cache_text.py's `cache` folder where it exists."""
     if name == 'bytes':
-        return lambda captions: tuple(a.to(device) for a in tokenize_bytes(captions, max_len))
+        return lambda captions: tuple(to_device(a, device) for a in tokenize_bytes(captions, max_len))
     if cache and os.path.isfile(os.path.join(cache, 'meta.json')):
         return TextCache(cache, max_len, device, dtype, lambda: HFTextEncoder(name, max_len, device, dtype))
     return HFTextEncoder(name, max_len, device, dtype)

@@ -156,9 +156,9 @@ class ByteTextEncoder(nn.Module):
         # (word_pos) whatever its length. Both changes: the tokens of 'circle' and 'square' in one caption slot had
         # cosine 0.93 at init (sum and mean), now 0.60; 'large' and 'small' 0.93, now 0.54
         x = w / n.clamp(min=1).sqrt()[..., None] + self.word_pos.weight
+        # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never recompiles
+        # (trimming to the words in use was a data-dependent shape, a graph break); masked keys change no output
         word_mask = n > 0
-        used = int(word_mask.any(0).sum())                                  # words are numbered from 0: trim the rest
-        x, word_mask = x[:, :used], word_mask[:, :used]
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~word_mask)
         return self.norm(x), word_mask
@@ -205,13 +205,16 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                             muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw'):
+                             muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw',
+                             fused=True):
         """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
-        the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them."""
+        the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them.
+        fused: AdamW's one-kernel step, on a GPU and on a CPU (equal to the foreach step, tests/test_model.py, and
+        faster on both, BENCHMARKS.md); it also skips a non-finite step on the device (found_inf), as train.py needs."""
         named = list(self.named_parameters())
         to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
         opts = [torch.optim.AdamW([p for n, p in named if n not in to_muon], lr=learning_rate, betas=betas, eps=eps,
-                                  weight_decay=weight_decay)]
+                                  weight_decay=weight_decay, fused=fused)]
         if optimizer == 'muon':
             opts.append(Muon([p for n, p in named if n in to_muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
                              weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
@@ -219,6 +222,31 @@ class DiT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self, image_size, text_len):
+        """Matmul FLOPs (2 per multiply-add) of one image's training-mode forward, TREAD's routing included, as
+        torch.utils.flop_counter counts them (tests/test_model.py: within 5%). text_len: the frozen encoder's tokens
+        (its own forward is not counted: the speedrun caches text embeddings); the bytes encoder has its word slots.
+        A training step costs 3x this: the backward computes gradients of both inputs and weights."""
+        cfg, d, p = self.cfg, self.cfg.n_embd, self.cfg.patch_size
+        N = (image_size // p) ** 2                                       # image tokens
+        hidden = self.blocks[0].mlp_out.in_features
+        L, w = text_len, cfg.text_dim
+        macs = N * (3 * p * p * cfg.bottleneck + cfg.bottleneck * d)     # bottleneck patch embedding
+        if self.text_encoder is not None:
+            L = self.text_encoder.word_pos.num_embeddings
+            macs += cfg.text_layers * L * (12 * w * w + 2 * L * w)       # qkv, out, 4x MLP; scores and values
+        macs += L * w * d + 256 * d + d * d + (2 * d * d if cfg.text_pool else 0)   # text_proj, t_embed, text_pool
+        n_keep = max(1, round(N * (1 - cfg.route_ratio)))
+        for i in range(cfg.n_layer):
+            n = n_keep if cfg.route_ratio > 0 and i in self.route else N
+            macs += 6 * d * d + 2 * L * d * d                            # adaLN, the block's text K/V
+            macs += n * (4 * d * d + 3 * d * hidden)                     # q, kv, proj, SwiGLU in and out
+            macs += 2 * n * (L + n) * d                                  # attention: scores and values on [text; image]
+            if self.repa_proj is not None and i + 1 == cfg.repa_block:
+                macs += n * sum(m.in_features * m.out_features for m in self.repa_proj if isinstance(m, nn.Linear))
+        macs += 2 * d * d + N * d * 3 * p * p                            # adaLN and the head
+        return 2 * macs
 
     def forward(self, z, t, text, text_mask, route=None):
         """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,

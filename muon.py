@@ -19,12 +19,16 @@ bfloat16 precision (tests/test_muon.py checks it).
 
 The speedrun (docs/recipe.md): lr 1e-4, momentum 0.95, nesterov, 5 Newton-Schulz steps.
 
-Distributed: with torch.distributed initialised, each rank orthogonalises one
-matrix in every world_size (index i % world_size == rank) and an all_gather
-gives every rank all results, so Newton-Schulz work is split world_size ways
-while every rank ends with the same parameters. Gradients must already be
-identical on every rank (DDP all-reduces them), so each rank keeps all momentum
-buffers and the state dict is an ordinary Optimizer one.
+Batched: the matrices of one shape are stacked and orthogonalised together, one
+batched matmul per Newton-Schulz product (the speedrun's 168 matrices come in 5
+shapes): a GPU runs a few large kernels instead of hundreds of small ones.
+
+Distributed: with torch.distributed initialised, the matrices of each shape are
+split into world_size contiguous shares, each rank orthogonalises its share as one
+batch and an all_gather per shape gives every rank all results, so Newton-Schulz
+work is split world_size ways while every rank ends with the same parameters.
+Gradients must already be identical on every rank (DDP all-reduces them), so each
+rank keeps all momentum buffers and the state dict is an ordinary Optimizer one.
 """
 
 import math
@@ -40,24 +44,26 @@ def ns_dtype(device):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
+    """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own. Muon.step
+    stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace 168 small ones."""
     # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
     # maximise the slope at 0, so 5 steps push all singular values into roughly
     # [0.7, 1.2] rather than exactly 1, which does not hurt training.
-    assert G.ndim == 2, f"Newton-Schulz needs a 2D matrix, got shape {tuple(G.shape)}"
+    assert G.ndim in (2, 3), f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(G.shape)}"
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(ns_dtype(G.device))
-    tall = G.size(0) > G.size(1)
+    X = G.to(ns_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (k, m, n)
+    tall = G.size(-2) > G.size(-1)
     if tall:
-        X = X.T  # iterate on the smaller Gram matrix X X^T
-    X = X / (X.norm() + eps)  # Frobenius norm >= spectral norm, so all singular values <= 1
+        X = X.mT  # iterate on the smaller Gram matrix X X^T
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)  # Frobenius norm >= spectral norm, so all singular values <= 1
     for _ in range(steps):
-        A = X @ X.T
-        # addmm rounds to bfloat16 once, not after each product and sum: ~3x closer to float64
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, B, X, beta=a)  # a X + B X
+        A = X @ X.mT
+        # baddbmm rounds to bfloat16 once, not after each product and sum: ~3x closer to float64
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
     if tall:
-        X = X.T
-    return X
+        X = X.mT
+    return X.reshape(G.shape)
 
 
 class Muon(torch.optim.Optimizer):
@@ -89,6 +95,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # found_inf (torch's GradScaler protocol, as fused AdamW reads it): a tensor, nonzero to skip this step on the
+        # device, weights and momentum untouched; train.py sets it so that no step waits on a host sync
+        found_inf = getattr(self, 'found_inf', None)
+        ok = None if found_inf is None else found_inf == 0
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         world = dist.get_world_size() if distributed else 1
         rank = dist.get_rank() if distributed else 0
@@ -96,30 +106,38 @@ class Muon(torch.optim.Optimizer):
             lr, momentum, wd = group['lr'], group['momentum'], group['weight_decay']
             # same list on every rank, since DDP gives every rank the same grads
             params = [p for p in group['params'] if p.grad is not None]
-            for base in range(0, len(params), world):
-                chunk = params[base:base + world]  # chunk[r] is rank r's to orthogonalise
-                for p in chunk:
+            by_shape = {}
+            for p in params:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, ps in by_shape.items():
+                bufs = []
+                for p in ps:
                     state = self.state[p]
                     if 'momentum_buffer' not in state:
                         state['momentum_buffer'] = torch.zeros_like(p.grad)
-                    state['momentum_buffer'].lerp_(p.grad, 1 - momentum)
-                mine = None
-                if rank < len(chunk):
-                    g, buf = chunk[rank].grad, self.state[chunk[rank]]['momentum_buffer']
-                    update = g.lerp(buf, momentum) if group['nesterov'] else buf
-                    mine = zeropower_via_newtonschulz5(update, group['ns_steps'])
+                    bufs.append(state['momentum_buffer'])
+                grads = [p.grad if ok is None else torch.where(ok, p.grad, buf) for p, buf in zip(ps, bufs)]
+                torch._foreach_lerp_(bufs, grads, 1 - momentum)  # skipped: each buffer moves toward itself
+                per = -(-len(ps) // world)  # matrices per rank; rank r takes ps[r*per:(r+1)*per]
+                mine = list(zip(grads, bufs))[rank * per:(rank + 1) * per]
+                updates = [g.lerp(buf, momentum) if group['nesterov'] else buf for g, buf in mine]
+                G = torch.stack(updates) if updates else ps[0].new_zeros(0, *shape)
+                ortho = zeropower_via_newtonschulz5(G, group['ns_steps'])  # (len(updates), *shape)
                 if distributed:
-                    # all_gather needs equal sizes: pad every flat update to the chunk's largest
-                    n = max(p.numel() for p in chunk)
-                    flat = torch.zeros(n, dtype=ns_dtype(chunk[0].device), device=chunk[0].device)
-                    if mine is not None:
-                        flat[:mine.numel()] = mine.flatten()
+                    # all_gather needs equal sizes: every rank sends `per` matrices, the last rank's zero-padded
+                    flat = torch.zeros(per, *shape, dtype=ortho.dtype, device=ortho.device)
+                    flat[:len(ortho)] = ortho
                     gathered = [torch.empty_like(flat) for _ in range(world)]
                     dist.all_gather(gathered, flat)
-                    orthos = [o[:p.numel()].view(p.shape) for o, p in zip(gathered, chunk)]
+                    ortho = torch.cat(gathered)
+                decay, alpha = 1 - lr * wd, -lr * self.lr_scale(shape, group['adjust_lr'])
+                if ok is None:
+                    torch._foreach_mul_(ps, decay)  # decoupled, with the unscaled lr as torch.optim.Muon
+                    for p, o in zip(ps, ortho):
+                        p.add_(o, alpha=alpha)
                 else:
-                    orthos = [mine]
-                for p, o in zip(chunk, orthos):
-                    p.mul_(1 - lr * wd)  # decoupled, with the unscaled lr as torch.optim.Muon
-                    p.add_(o, alpha=-lr * self.lr_scale(p.shape, group['adjust_lr']))
+                    torch._foreach_mul_(ps, torch.where(ok, decay, 1.0))
+                    alpha = ok * alpha
+                    for p, o in zip(ps, ortho):
+                        p.addcmul_(o, alpha)
         return loss

@@ -110,7 +110,9 @@ eval_steps = 20           # Euler steps per sample
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
-compile = False
+compile = False           # torch.compile the denoiser (one graph: text has fixed lengths) and the frozen teachers
+ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets of this size; compiled, the graph is split at them so
+                          # each bucket's all-reduce overlaps the rest of the backward (dynamo's DDPOptimizer)
 seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -222,6 +224,15 @@ raw = DiT(DiTConfig(**model_args)).to(device)   # `raw` is the module itself: it
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
 dino_net = load_dino(dino_model, teachers_pretrained).to(device) if dino_weight > 0 else None
+if device_type == 'cuda':   # frozen teachers held in the autocast dtype: half the weight traffic, no casts a step
+    for net in (teacher, lpips_net, dino_net):
+        if net is not None:
+            net.to(ptdtype)
+if compile:   # the teachers too: they are a third of the speedrun step (BENCHMARKS.md). losses.py calls a timm ViT's
+    for net in (teacher, dino_net):   # forward_features, LPIPS itself
+        if net is not None:
+            net.forward_features = torch.compile(net.forward_features)
+    lpips_net = torch.compile(lpips_net) if lpips_net is not None else None
 
 loss_cfg = LossConfig.from_config(config)
 opts = raw.configure_optimizers(optimizer, learning_rate, betas, eps, weight_decay, muon_lr, muon_momentum,
@@ -248,9 +259,12 @@ if ckpt is not None:
         opt.load_state_dict(sd)
     step = ckpt['step']
     del ckpt
-model = torch.compile(raw) if compile else raw   # `model` is what the step calls: raw, compiled and/or in DDP
+model = raw   # what the step calls: raw, in DDP and/or compiled
 if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+    model = ddp_model = DDP(raw, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None,
+                            bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+if compile:   # DDP inside the compiled module, not around it: only then can dynamo overlap the all-reduces
+    model = torch.compile(model)
 
 if ddp and not master:
     dist.barrier()   # rank 0 indexes new folders and shard sets (once, beside the data); the others then read its index
@@ -259,16 +273,21 @@ if ddp and master:
     dist.barrier()
 loader = iter(torch.utils.data.DataLoader(
     StepBatches(mixture, batch_size, micro, rank, world, start_step=step),
-    batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0))
+    batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
 if master:
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
           f'= batch {batch_size} | {device} {dtype}')
 
 
 @torch.no_grad()
-def update_ema(n_updates):
+def update_ema(n_updates, ok):
+    """ok: a 0-dim 0/1 tensor, 0 for a skipped step, which leaves the EMA as it was: decided on the device."""
     decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
-    torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - decay)
+    # ema += ok (1 - decay) (raw - ema); not _foreach_lerp_, which would read a tensor weight back to the host
+    ema_params = list(ema.parameters())
+    delta = torch._foreach_sub(list(raw.parameters()), ema_params)
+    torch._foreach_mul_(delta, ok * (1 - decay))
+    torch._foreach_add_(ema_params, delta)
 
 
 def save_checkpoint():
@@ -329,13 +348,16 @@ def stop_now():
     could stop them at different steps and hang the last collectives). Returns None, 'signal' or 'time_budget'."""
     code = 2.0 if signalled else 1.0 if master and time_budget > 0 and time.time() - t_start > time_budget else 0.0
     if ddp:
-        flag = torch.tensor([code], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)   # one float a step: nothing next to the gradients' all-reduce
+        flag = torch.tensor([code])
+        # a CPU tensor over gloo: agreeing on it never waits for the GPU (an nccl flag read back would, every step)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
         code = flag.item()
     return {0.0: None, 1.0: 'time_budget', 2.0: 'signal'}[code]
 
 
 stopped_by = None
+stop_group = dist.new_group(backend='gloo') if ddp else None
+skipped = []   # per step since the last check: a 0-dim tensor, 1 if the step was skipped
 while step < max_iters and not (stopped_by := stop_now()):
     # linear warmup, then constant; a linear cooldown to 0 over the last cooldown_iters steps if set (WSD, Hagele
     # et al. 2024: a short run ends sharper for it)
@@ -349,11 +371,15 @@ while step < max_iters and not (stopped_by := stop_now()):
         # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
         # generator: 1 process with accumulation and N processes see the same draws, each micro-batch (so each rank)
         # other ones. (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any m
-        gen = torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4096 + m)
+        micro_seed = (seed * 1_000_003 + step) * 4096 + m
+        gen = torch.Generator(device).manual_seed(micro_seed)
         x = to_model_images(u8.to(device, non_blocking=True))
-        text, text_mask = encode(drop_captions(captions, caption_dropout, gen))
+        # captions are strings, so their dropout is drawn on the host: from a CPU generator of the same seed on a GPU
+        # (reading a GPU draw back would be a host sync)
+        cap_gen = gen if device_type == 'cpu' else torch.Generator().manual_seed(micro_seed)
+        text, text_mask = encode(drop_captions(captions, caption_dropout, cap_gen))
         if ddp:
-            model.require_backward_grad_sync = k == accum - 1   # DDP all-reduces only on the last micro-batch
+            ddp_model.require_backward_grad_sync = k == accum - 1   # DDP all-reduces only on the last micro-batch
         with autocast:
             loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, lpips_net, dino_net, teacher)
         if step + 1 == fault_nan_step:
@@ -362,28 +388,30 @@ while step < max_iters and not (stopped_by := stop_now()):
         for name, v in parts.items():
             parts_sum[name] = parts_sum.get(name, 0) + v / accum
     # A non-finite loss or gradient skips the update. DDP has all-reduced the gradients, so every rank sees the
-    # same norm and skips together; the step still counts (its batch is spent). One host sync a step.
+    # same norm and skips together; the step still counts (its batch is spent). The skip is decided on the device
+    # (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host sync;
+    # skipped steps are counted every log_interval steps.
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    finite = bool(torch.isfinite(norm))
-    if finite:
-        for opt in opts:
-            opt.step()
-        bad_in_row = 0
-    else:
-        bad_steps, bad_in_row = bad_steps + 1, bad_in_row + 1
-        if master:
-            print(f'step {step + 1}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
-            log.write(json.dumps({'step': step + 1, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
-        if bad_in_row >= max_bad_steps:
-            raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients (max_bad_steps='
-                             f'{max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
+    found_inf = (~torch.isfinite(norm)).float()
     for opt in opts:
+        opt.found_inf = found_inf
+        opt.step()
         opt.zero_grad(set_to_none=True)
+    skipped.append(found_inf)
     step += 1
     steps_since_log += 1
-    if finite and step % ema_interval == 0:
-        update_ema(step // ema_interval - 1)   # the number of EMA updates before this one (0 for the first)
-    if step % log_interval == 0 or step == max_iters:
+    if step % ema_interval == 0:
+        update_ema(step // ema_interval - 1, 1 - found_inf)   # the number of EMA updates before this one (0: the first)
+    if step % log_interval == 0 or step == max_iters:   # every rank: they stop together
+        for s, bad in zip(range(step - len(skipped) + 1, step + 1), torch.stack(skipped).tolist()):
+            bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
+            if bad and master:
+                print(f'step {s}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
+                log.write(json.dumps({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
+            if bad_in_row >= max_bad_steps:
+                raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
+                                 f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
+        skipped.clear()
         bad_total = bad_samples.to(device)
         if ddp:
             dist.all_reduce(bad_total)   # every rank logs on the same steps; tiny, and only every log_interval

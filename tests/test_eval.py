@@ -146,3 +146,34 @@ def test_load_dir_and_cli(tmp_path):
     assert report['held_out']['n'] >= 1 and report['one']['n'] + report['two']['n'] + report['held_out']['n'] == 6
     missing = subprocess.run([sys.executable, 'eval.py'], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and 'samples_dir' in missing.stderr
+
+
+def test_fd_dinov2_with_a_tiny_random_network(tmp_path):
+    import timm
+    import torch
+    from eval import fd_dinov2, frechet_distance, load_images
+    torch.manual_seed(0)
+    net = timm.create_model('vit_base_patch14_reg4_dinov2', pretrained=False, num_classes=0, img_size=28,
+                            embed_dim=16, depth=1, num_heads=2).eval()
+    a = [shapes_example(0, i, 32)[0] for i in range(40)]
+    b = [shapes_example(1, i, 32)[0] for i in range(40)]
+    for i, img in enumerate(a):
+        Image.fromarray(img).save(tmp_path / f'{i:03d}.png')
+    assert fd_dinov2(a, load_images(tmp_path), net, 'cpu') == pytest.approx(0, abs=1e-6)   # a set against itself
+    ab, ba = fd_dinov2(a, b, net, 'cpu'), fd_dinov2(b, a, net, 'cpu')
+    assert ab > 0 and ab == pytest.approx(ba, rel=1e-6)
+    shifted = [np.clip(img.astype(int) + 60, 0, 255).astype(np.uint8) for img in b]   # brighter: farther away
+    assert fd_dinov2(a, shifted, net, 'cpu') > 2 * ab
+    # the command line: samples against a folder of the same images
+    for i, img in enumerate(a[:8]):
+        (tmp_path / 'gen').mkdir(exist_ok=True)
+        Image.fromarray(img).save(tmp_path / 'gen' / f'{i:05d}.png')
+        (tmp_path / 'gen' / f'{i:05d}.txt').write_text(shapes_example(0, i, 32)[1])
+    gen = tmp_path / 'gen'
+    out = subprocess.run([sys.executable, 'eval.py', f'--samples_dir={gen}', f'--fd_ref={gen}', '--fd_pretrained=False',
+                          '--fd_model=vit_small_patch14_reg4_dinov2'], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)['fd_dinov2'] == pytest.approx(0, abs=1e-6)
+    # the formula itself: two Gaussians with known moments (a mean shift of 1 per dimension, variance 1 vs 4)
+    x = torch.randn(200000, 3, dtype=torch.float64)
+    assert frechet_distance(x, 2 * x + 1) == pytest.approx(3 * 1 + 3 * (1 + 4 - 2 * 2), rel=0.02)

@@ -152,3 +152,83 @@ def test_text_pool_ignores_padding_and_reads_the_caption():
         same = torch.allclose(m(z, t, ids, mask)[0][0], m(z, t, ids.flip(0), mask.flip(0))[0][0])
         assert same != pool
 
+
+
+def test_flops_per_image_matches_the_flop_counter():
+    # the math SDPA backend: the counter knows no CPU flash-attention kernel, so it would miss the attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    for kw, states in ((dict(), None), (dict(route_ratio=0.5, repa_dim=24, repa_block=3, text_pool=True), None),
+                       (dict(text_encoder='t5', text_dim=48, route_ratio=0.25), torch.randn(2, 20, 48))):
+        m = tiny(n_layer=5, **kw).train()
+        z, t, ids, mask = inputs(size=64)
+        if states is not None:   # a frozen encoder's states come in
+            ids, mask = states, torch.ones(2, 20, dtype=torch.bool)
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            out, repa = m(z, t, ids, mask)
+        counted = fc.get_total_flops() / 2
+        assert m.flops_per_image(64, ids.shape[1]) == pytest.approx(counted, rel=0.05), kw
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            out, repa = m(z, t, ids, mask)
+            (out.sum() + (repa[0].sum() if repa else 0)).backward()
+        assert fc.get_total_flops() / 2 == pytest.approx(3 * counted, rel=0.05)   # training: 3x the forward
+
+
+def test_masked_text_tokens_change_nothing():
+    # padding to fixed lengths (one compiled graph) is free of effect: padded keys are masked, the pooled caption
+    # ignores them; train mode with TREAD and the pooled caption, a frozen encoder's states padded with garbage
+    m = tiny(text_encoder='t5', text_dim=32, route_ratio=0.5, text_pool=True).train()
+    z, t, _, _ = inputs()
+    txt, mask = torch.randn(2, 12, 32), torch.arange(12).expand(2, 12) < torch.tensor([[5], [12]])
+    route = torch.rand(2, 16)
+    short = m(z, t, txt, mask, route=route)[0]
+    padded = m(z, t, torch.cat([txt, 9 * torch.randn(2, 20, 32)], 1), torch.cat([mask, mask.new_zeros(2, 20)], 1),
+               route=route)[0]
+    torch.testing.assert_close(padded, short, atol=1e-5, rtol=1e-5)
+    m = tiny().eval()   # the bytes encoder: padded to max_len bytes = trimmed to the batch's longest caption
+    z, t, ids, mask = inputs()
+    longest = int(mask.sum(1).max())
+    torch.testing.assert_close(m(z, t, ids, mask)[0], m(z, t, ids[:, :longest], mask[:, :longest])[0])
+
+
+def test_compiles_as_one_graph_that_never_recompiles_as_captions_change():
+    # fullgraph=True fails on any graph break (TREAD's gather and scatter, the byte encoder are inside the graph);
+    # error_on_recompile fails if a new caption length made a new graph. aot_eager traces the backward too.
+    import torch._dynamo
+    from torch._dynamo.backends.registry import lookup_backend
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend('aot_eager')(gm, example_inputs)
+
+    torch._dynamo.reset()
+    m = tiny(route_ratio=0.5, repa_dim=24, repa_block=3, text_pool=True).train()
+    step = torch.compile(m, fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for caps in (CAPS, ['a b', ''], [CAPS[0] + ' and many more words than before in it', 'x']):
+            z, t, _, _ = inputs()
+            ids, mask = tokenize_bytes(caps, 96)
+            route = torch.rand(2, 16)
+            out, (proj, keep) = step(z, t, ids, mask, route=route)
+            (out.square().mean() + proj.square().mean()).backward()
+            torch.testing.assert_close(out, m(z, t, ids, mask, route=route)[0])   # the graph is the eager model
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
+
+def test_fused_adamw_equals_the_foreach_step():
+    # configure_optimizers fuses AdamW on every device (train.py's device-side skip needs it): same weights as the
+    # foreach step it replaced
+    weights = []
+    for fused in (True, False):
+        m = tiny(text_pool=True)
+        opt, muon = m.configure_optimizers('muon', learning_rate=1e-2, weight_decay=0.1, fused=fused)
+        z, t, ids, mask = inputs()
+        for _ in range(3):
+            m(z, t, ids, mask)[0].square().mean().backward()
+            opt.step(), muon.step()
+            opt.zero_grad(), muon.zero_grad()
+        weights.append(m.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-5, rtol=1e-5)   # steps of 1e-2: rounding

@@ -23,6 +23,15 @@ def test_newtonschulz_singular_values_near_one(shape):
     assert abs(s.mean().item() - 1) < 0.15, s
 
 
+@pytest.mark.parametrize('shape', SHAPES)
+def test_batched_newtonschulz_equals_one_matrix_at_a_time(shape):
+    # Muon.step stacks same-shape matrices into one batched iteration: each comes out as if alone
+    torch.manual_seed(0)
+    G = torch.randn(5, *shape) * torch.logspace(-2, 1, 5).view(5, 1, 1)   # norms differ: each is scaled on its own
+    batched = zeropower_via_newtonschulz5(G)
+    torch.testing.assert_close(batched, torch.stack([zeropower_via_newtonschulz5(g) for g in G]), atol=1e-5, rtol=1e-4)
+
+
 def _with_spectrum(shape, S):
     torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(shape[0], len(S)))
@@ -117,13 +126,36 @@ def test_state_dict_resumes():
         assert torch.equal(a, b)
 
 
+def test_found_inf_skips_the_step_on_the_device():
+    # train.py's skip of a non-finite step without a host sync: found_inf = 1 leaves weights and momentum as they
+    # were (NaN gradients included), found_inf = 0 is the ordinary step
+    shapes = [(8, 12), (8, 12), (12, 8)]
+    ref = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), shapes, steps=2)
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    gen = torch.Generator().manual_seed(1)
+    opt = Muon(ps, lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) if step != 1 else torch.full(p.shape, float('nan'))
+        opt.found_inf = torch.tensor(float(step == 1))
+        opt.step()
+        if step == 1:   # the skipped NaN step: replay the draws the reference saw at its second step
+            gen = torch.Generator().manual_seed(1)
+            for p in ps:
+                torch.randn(p.shape, generator=gen)
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.detach(), b)
+
+
 @pytest.mark.parametrize('shape', [(4,), (2, 3, 4)])
 def test_rejects_non_matrix(shape):
     with pytest.raises(ValueError, match=str(shape)):
         Muon([torch.nn.Parameter(torch.randn(shape))], lr=0.01)
 
 
-DIST_SHAPES = [(16, 16), (8, 24), (24, 8), (4, 32), (12, 12)]  # odd count: ranks get 3 and 2
+# three (16, 16) and two (8, 24): shares of 2 and 1 matrices; shapes of one matrix leave rank 1 an empty share
+DIST_SHAPES = [(16, 16), (8, 24), (24, 8), (4, 32), (16, 16), (12, 12), (8, 24), (16, 16)]
 
 
 def _dist_worker(rank, world, init_file, out_dir):
