@@ -90,16 +90,21 @@ def shapes_example(seed, index, R, split='train'):
     return render(scene, R), caption(scene)
 
 
-def eval_prompts(n=200, seed=12345):
-    """n deterministic (caption, group) evaluation prompts: 40% 'one' and 40% 'two' object
-    prompts of training pairs, 20% 'held_out' prompts (one or two objects)."""
+def eval_scenes(n=200, seed=12345):
+    """n deterministic (scene, group) evaluation scenes: 40% 'one' and 40% 'two' object scenes of training pairs,
+    20% 'held_out' ones (one or two objects)."""
     rng = random.Random(f'eval prompts {seed}')  # a str seed: a stream no integer training seed reaches
-    prompts = []
+    scenes = []
     for i in range(n):
         group = ('one', 'two', 'one', 'two', 'held_out')[i % 5]  # interleaved: any prefix keeps the mix
         split, n_objects = {'one': ('train', 1), 'two': ('train', 2), 'held_out': ('held_out', None)}[group]
-        prompts.append((caption(sample_scene(rng, split, n_objects)), group))
-    return prompts
+        scenes.append((sample_scene(rng, split, n_objects), group))
+    return scenes
+
+
+def eval_prompts(n=200, seed=12345):
+    """The (caption, group) of each evaluation scene."""
+    return [(caption(scene), group) for scene, group in eval_scenes(n, seed)]
 
 
 # ---- text encoders ----
@@ -383,9 +388,11 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
     w, h = img.size   # the draft's
     m = min(w, h)
     left, top = (rng.random() * (w - m), rng.random() * (h - m)) if random_crop else ((w - m) / 2, (h - m) / 2)
-    # only the crop is resampled. Bilinear (antialiased: a triangle filter over the source pixels, torchvision's
-    # default) costs 2.8 ms for a 770px source at 512px against bicubic's 4.4 ms: after decoding, the loader's main cost
-    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + m, top + m))
+    # only the crop is resampled: after decoding, the loader's main cost. Shrinking, the box filter (each output pixel
+    # the area average of the source pixels it covers: a sound antialiasing filter) is the cheapest, bicubic costs
+    # about twice bilinear (BENCHMARKS.md); enlarging, box would be blocky: bilinear
+    resample = Image.BOX if m >= size else Image.BILINEAR
+    img = img.resize((size, size), resample, box=(left, top, left + m, top + m))
     if hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)

@@ -32,6 +32,8 @@ num_steps = 50
 cfg_scale = 4.0
 sg_scale = 1.0
 shift = 0.0  # the sampler's time shift; 0 = the training run's t_shift
+from_t = 0.0  # > 0: sample each prompt from its real image noised to this t, not from pure noise: a check of the
+              # denoiser alone (does it keep a shape it is shown?), README "The measured path"
 use_ema = True
 batch_size = 100
 fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv2 of the samples against them
@@ -223,6 +225,8 @@ def fd_dinov2(images, ref_images, net, device):
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
+    if not 0 <= from_t < 1:
+        sys.exit(f'eval.py: from_t={from_t}, want 0 (pure noise, the default) <= from_t < 1')
     if samples_dir:
         images, captions = load_dir(samples_dir)
         if not images:
@@ -242,9 +246,13 @@ if __name__ == '__main__':
         model, encode, cfg = load_model(out_dir, device, use_ema)
         cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
         prompts = data.eval_prompts(n)
-        eval_dir = os.path.join(run_dir(out_dir), 'eval')
+        eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
+        starts = None
+        if from_t:
+            starts = data.to_model_images(torch.from_numpy(np.stack([data.render(scene, cfg['image_size'])
+                                                                     for scene, _ in data.eval_scenes(n)])))
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
-                      sg_scale, batch_size, seed, device, dtype)
+                      sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
         report = score(images, captions, [g for _, g in prompts])
     else:
@@ -259,6 +267,6 @@ if __name__ == '__main__':
     if out_dir:
         with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
-                                        shift=cfg['t_shift'], use_ema=use_ema, seed=seed,
+                                        shift=cfg['t_shift'], from_t=from_t, use_ema=use_ema, seed=seed,
                                         fd_ref=fd_ref), **report}, f, indent=2)
     print(json.dumps(report, indent=2))

@@ -33,7 +33,7 @@ class DiTConfig:
     text_dim: int = 128         # width of the text states that enter the model
     text_len: int = 96          # max caption bytes (bytes encoder only)
     text_layers: int = 0        # transformer layers over the bytes encoder's word tokens
-    pred: str = 'x'             # what the network outputs: 'x' the clean image (JiT), or 'v' the velocity x - noise
+    pred: str = 'x'             # the network outputs 'x' the clean image (JiT), 'v' the velocity, or 'skip' (skip_x)
     text_pool: bool = False     # add the masked mean of the caption tokens to the adaLN conditioning (DiT, SD3)
     route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
     route_start: int = 2        # first routed block (0-indexed)

@@ -49,8 +49,10 @@ def guide(dense, uncond, routed, cfg_scale, sg_scale):
 
 
 @torch.no_grad()
-def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen, progress=False):
-    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step."""
+def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen, progress=False,
+             start=None, from_t=0.0):
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step. With start
+    (B,3,H,W) clean images and from_t > 0: from those images noised to t = from_t instead (eval.py's from_t)."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
@@ -59,7 +61,9 @@ def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, n
     if size % p:
         raise ValueError(f'image_size {size} is not a multiple of the patch size {p}')
     z = torch.randn(B, 3, size, size, generator=gen, device=device) * noise_scale
-    ts = shift_t(torch.linspace(0, 1, steps + 1, device=device), shift)
+    if start is not None:
+        z = from_t * start.to(device) + (1 - from_t) * z
+    ts = from_t + (1 - from_t) * shift_t(torch.linspace(0, 1, steps + 1, device=device), shift)
     for i in range(steps):
         t = ts[i].expand(B)
         x_uncond = x_routed = None
@@ -144,8 +148,9 @@ def load_model(source, device, use_ema=True):
 
 
 def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size, seed,
-                  device, dtype):
-    """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png)."""
+                  device, dtype, starts=None, from_t=0.0):
+    """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png); with
+    starts (N,3,H,W) and from_t, each from its start image noised to from_t (generate)."""
     os.makedirs(samples_dir, exist_ok=True)
     ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
     gen = torch.Generator(device).manual_seed(seed)
@@ -155,7 +160,8 @@ def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_sc
         print(f'batch {start // batch_size + 1}/{math.ceil(len(captions) / batch_size)}', file=sys.stderr)
         with torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32):
             imgs = generate(model, encode, chunk, size, steps, cfg_scale, sg_scale, cfg['t_shift'],
-                            cfg['noise_scale'], gen, progress=True)
+                            cfg['noise_scale'], gen, progress=True,
+                            start=None if starts is None else starts[start:start + batch_size], from_t=from_t)
         for i, (im, c) in enumerate(zip(to_uint8(imgs), chunk)):
             Image.fromarray(im).save(os.path.join(samples_dir, f'{start + i:05d}.png'))
             with open(os.path.join(samples_dir, f'{start + i:05d}.txt'), 'w') as f:

@@ -64,10 +64,10 @@ mlp_ratio = 4.0
 t_mean = 0.0              # logit-normal t: sigmoid(N(t_mean, t_std)) (JiT: -0.8, 0.8; the speedrun: 0, 1)
 t_std = 1.0
 t_shift = 10.0            # shift toward noise, also used by the sampler (the speedrun: 3; README: flat images need more)
-t_uniform = 0.1           # fraction of t drawn uniformly (the speedrun: 0.1)
+t_uniform = 0.5           # fraction of t drawn uniformly (the speedrun: 0.1; README: shapes need the low noise too)
 noise_scale = 1.0         # JiT: res / 256 at high resolution
 loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at 0.05); 'x': MSE on the clean image (losses.py)
-pred = 'x'                # the network predicts 'x' (JiT) or 'v' (velocity); the loss is on velocity either way
+pred = 'skip'             # 'x' (JiT, the speedrun's), 'v' (velocity) or 'skip': x plus EDM's skip from z_t (model.py)
 # TREAD token routing (model.py)
 route_ratio = 0.0
 route_start = 2
@@ -187,7 +187,6 @@ master = rank == 0
 micro = micro_batch or batch_size // world
 if batch_size % (micro * world):
     raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x {world} processes')
-accum = batch_size // (micro * world)
 # Training draws nothing from the global RNG: t, noise, caption dropout and TREAD's route come from each
 # micro-batch's own generator (the loop below), so a checkpoint needs no RNG state and a resume on any number of
 # processes continues exactly. The seed fixes the initial weights (DDP copies rank 0's to the others anyway).
@@ -271,9 +270,10 @@ if ddp and not master:
 mixture = Mixture(data, image_size, seed, min_image_size, random_crop, hflip, max_bad_fraction)
 if ddp and master:
     dist.barrier()
-loader = iter(torch.utils.data.DataLoader(
-    StepBatches(mixture, batch_size, micro, rank, world, start_step=step),
-    batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
+step_batches = StepBatches(mixture, batch_size, micro, rank, world, start_step=step)
+accum = step_batches.accum   # micro-batches per process per step: StepBatches cuts each global batch into them
+loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
+                                          persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
 if master:
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
           f'= batch {batch_size} | {device} {dtype}')

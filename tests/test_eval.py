@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import BACKGROUNDS, caption, eval_prompts, render, sample_scene, shapes_example
+from data import BACKGROUNDS, caption, eval_prompts, render, sample_scene, shapes_example, tokenize_bytes
 from eval import caption_group, load_dir, parse_caption, score, score_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,3 +177,25 @@ def test_fd_dinov2_with_a_tiny_random_network(tmp_path):
     # the formula itself: two Gaussians with known moments (a mean shift of 1 per dimension, variance 1 vs 4)
     x = torch.randn(200000, 3, dtype=torch.float64)
     assert frechet_distance(x, 2 * x + 1) == pytest.approx(3 * 1 + 3 * (1 + 4 - 2 * 2), rel=0.02)
+
+
+def test_from_t_samples_start_from_the_real_images():
+    """eval.py's from_t: the sampler starts from each prompt's real image noised to from_t. An untrained pred='skip'
+    model (zero head: it adds nothing to z) then hands back the real images near t = 1 and a blank from pure noise."""
+    import torch
+    from data import eval_scenes, to_model_images
+    from model import DiT, DiTConfig
+    from sample import generate, to_uint8
+    scenes = eval_scenes(10)
+    assert [(caption(s), g) for s, g in scenes] == eval_prompts(10)
+    captions, groups = [caption(s) for s, _ in scenes], [g for _, g in scenes]
+    starts = to_model_images(torch.from_numpy(np.stack([render(s, 64) for s, _ in scenes])))
+    model = DiT(DiTConfig(n_layer=1, n_head=2, n_embd=32, text_dim=32, bottleneck=16, pred='skip'))
+    encode = lambda caps: tokenize_bytes(caps, 96)
+    for from_t, want in ((0.99, 1.0), (0.0, 0.0)):
+        imgs = generate(model, encode, captions, 64, 5, 1.0, 1.0, 3.0, 1.0, torch.Generator().manual_seed(0),
+                        start=starts, from_t=from_t)
+        assert score(list(to_uint8(imgs)), captions, groups)['all']['correct'] == want
+    out = subprocess.run([sys.executable, 'eval.py', '--out_dir=nowhere', '--from_t=1.0'], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and 'from_t=1.0, want 0' in out.stderr

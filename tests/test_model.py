@@ -140,6 +140,26 @@ def test_pred_v_turns_the_velocity_into_the_clean_image():
     torch.testing.assert_close(m(z, t, ids, mask)[0], z + (1 - t).view(-1, 1, 1, 1) * net)
 
 
+def test_pred_skip_is_x_prediction_at_pure_noise_and_the_identity_at_no_noise():
+    """pred='skip' (EDM's skip connection): out at t = 0, z itself at t = 1, a * z + (1 - a t) * out between, and the
+    noise it lets through, a (1 - t), never above 0.05 (the network cannot cancel noise: JiT)."""
+    z, _, ids, mask = inputs()
+    net = tiny()
+    m = tiny(pred='skip')
+    for t in (0.0, 1.0, 0.3, 0.9):
+        tt = torch.full((2,), t)
+        x, out = m(z, tt, ids, mask)[0], net(z, tt, ids, mask)[0]
+        a = model_module.SKIP_SIGMA ** 2 * t / ((1 - t) ** 2 + model_module.SKIP_SIGMA ** 2 * t ** 2)
+        torch.testing.assert_close(x, a * z + (1 - a * t) * out)
+        if t in (0.0, 1.0):
+            torch.testing.assert_close(x, out if t == 0 else z)
+    t = torch.linspace(0, 1, 10001)
+    clean, noise = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    # a perfect network (out = the clean image, here 0): what is left is the leaked noise a (1 - t)
+    leak = torch.stack([model_module.skip_x(ti * clean + (1 - ti) * noise, ti.view(1), clean) for ti in t]).flatten()
+    assert 0.045 < leak.max() <= 0.05 + 1e-6 and leak[0] == 0 and leak[-1] == 0
+
+
 def test_text_pool_ignores_padding_and_reads_the_caption():
     z, t, ids, mask = inputs()
     m = tiny(text_pool=True).eval()
