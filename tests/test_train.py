@@ -144,7 +144,7 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--data={"/no/such/folder": 1.0}'], "data source '/no/such/folder' does not exist"),
     (['--data={"/no/{00000..00003}.tar": 1.0}'], "data source '/no/{00000..00003}.tar' does not exist"),
     (['--max_bad_fraction=2.0'], 'max_bad_fraction=2.0, want a fraction in [0, 1]'),
-    (['--pred=eps'], "pred='eps', want one of ('x', 'v')"),
+    (['--pred=eps'], "pred='eps', want one of ('x', 'v', 'skip')"),
     (['--init_from=resume'], 'init_from=resume but there is no'),
 ])
 def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
