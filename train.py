@@ -412,7 +412,7 @@ while step < max_iters and not (stopped_by := stop_now()):
                 raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
                                  f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
         skipped.clear()
-        bad_total = bad_samples.to(device)
+        bad_total = bad_samples.to(device, copy=True)   # a copy: all_reduce works in place, and on the CPU .to() is a no-op
         if ddp:
             dist.all_reduce(bad_total)   # every rank logs on the same steps; tiny, and only every log_interval
     if master and (step % log_interval == 0 or step == max_iters):

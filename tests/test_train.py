@@ -281,3 +281,23 @@ def test_trains_from_files_logs_skipped_samples_and_stops_on_too_many(tmp_path):
     err = refused(tmp_path / 'stop', f"--data={{'{shards}': 1.0, '{tmp_path / 'd' / 'folder'}': 1.0}}", '--max_iters=50',
                   '--batch_size=8', '--image_size=32', '--min_image_size=16', '--max_bad_fraction=0.05')
     assert f"data source '{tmp_path / 'd' / 'folder'}'" in err and '1 corrupt_image, 1 no_caption' in err, err[-2000:]
+
+
+def test_torchrun_reads_files_like_one_process(tmp_path):
+    """File data under torchrun: rank 0 builds the index (the other waits), the ranks' skipped-sample counts are
+    summed, and 2 ranks train on what 1 process with accumulation trains on."""
+    from make_shapes_data import write_shapes_data
+    write_shapes_data(str(tmp_path / 'd'), 20, 32, 10)
+    folder = tmp_path / 'd' / 'folder' / '00001'
+    (folder / 'broken.png').write_bytes(b'not a png')
+    (folder / 'broken.txt').write_text('a caption')
+    args = [f"--data={{'{tmp_path / 'd' / 'folder'}': 1.0}}", '--max_iters=3', '--batch_size=8', '--image_size=32',
+            '--min_image_size=16', '--max_bad_fraction=0.2', '--ckpt_interval=3']
+    two = train(tmp_path / 'ddp', *args, torchrun=2)   # no index yet: rank 0 writes it
+    one = train(tmp_path / 'one', *args, '--micro_batch=4')
+    assert two[-1]['rank_weight_diff'] == 0.0
+    bad = {str(tmp_path / 'd' / 'folder'): {'corrupt_image': 1}}
+    assert [r for r in two if 'loss' in r][-1]['bad_samples'] == bad == [r for r in one if 'loss' in r][-1]['bad_samples']
+    a, b = ckpt(tmp_path / 'ddp'), ckpt(tmp_path / 'one')
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], atol=2e-6, rtol=1e-5), k
