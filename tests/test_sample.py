@@ -27,8 +27,8 @@ def run(*args, **kw):
 
 def tiny_args(out):
     return [f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1',
-            '--bottleneck=16', '--batch_size=8', '--num_workers=0', '--log_interval=1', '--sample_interval=0',
-            '--eval_interval=0']
+            '--bottleneck=16', '--batch_size=8', '--num_workers=0', '--compile=False', '--log_interval=1',
+            '--sample_interval=0', '--eval_interval=0']
 
 
 def test_sample_writes_one_image_and_caption_per_prompt_in_order(tmp_path):
