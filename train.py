@@ -1,7 +1,7 @@
 """
 Train a pixel-space text-to-image diffusion transformer. One plain loop, one process or many:
 
-    python train.py                                   # the shapes set on a CPU, ~10 minutes
+    python train.py                                   # the shapes set on a CPU, 10-13 minutes
     python train.py config/speedrun.py --max_iters=10 # override anything
     torchrun --nproc_per_node=8 train.py config/speedrun.py
 
@@ -32,7 +32,7 @@ sample_interval = 1000    # write a grid of EMA samples every N steps (0 = never
 ckpt_interval = 1000      # and a checkpoint (always one at the end)
 keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are also kept as ckpt_0001000.pt, ...
 init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage from its weights
-max_iters = 8000          # ~10 minutes on 2 CPU cores (README)
+max_iters = 8000          # 10-13 minutes on 2 CPU cores, compiled (README)
 time_budget = 0.0         # seconds; stop early once the loop has run this long (0 = off): equal wall-clock ablations
 # data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards (a glob or 'x/{00000..00127}.tar'),
 # weighted (README, "Data")
