@@ -112,7 +112,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = True            # torch.compile the denoiser (one graph: text has fixed lengths) and the frozen teachers;
                           # on a CPU it needs a C++ compiler (gcc or clang), else --compile=False. The default
-                          # step: 1.66x on a 2-core Intel Xeon, 1.07x on a 2-core AMD EPYC (README)
+                          # step: 1.66x on a 2-core Intel Xeon, 1.07x on a 2-core AMD EPYC (BENCHMARKS.md)
 ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets of this size; compiled, the graph is split at them so
                           # each bucket's all-reduce overlaps the rest of the backward (dynamo's DDPOptimizer)
 seed = 1337

@@ -9,7 +9,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--max_iters=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1', '--bottleneck=16',
-        '--num_workers=0', '--compile=False', '--log_interval=1', '--sample_interval=0', '--ckpt_interval=0', '--eval_interval=0']
+        '--num_workers=0', '--compile=False', '--log_interval=1', '--sample_interval=0', '--ckpt_interval=0',
+        '--eval_interval=0']
 
 
 def command(out, *args, torchrun=0):
