@@ -13,6 +13,7 @@ image_size = 512
 batch_size = 1024
 micro_batch = 32          # 32 GPUs x 32; on 8 GPUs this gives 4 accumulation steps
 max_iters = 100_000
+time_budget = 0           # no wall-clock stop (the shapes default has one)
 num_workers = 8
 log_interval = 50
 sample_interval = 2000

@@ -11,4 +11,5 @@ image_size = 1024
 batch_size = 512
 micro_batch = 16
 max_iters = 120_000       # steps count on from stage 1's 100k
+time_budget = 0           # no wall-clock stop (the shapes default has one)
 repa_weight = 0.0

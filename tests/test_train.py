@@ -61,6 +61,10 @@ def test_checkpoint_contents_and_exact_resume(tmp_path):
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
         assert torch.equal(a['ema'][k], b['ema'][k]), k
+    log_b = [json.loads(line) for line in open(tmp_path / 'b' / 'log.jsonl')]
+    assert [r['step'] for r in log_b if 'done' in r] == [2, 4]   # the resumed run goes on with its log
+    log_a = train(tmp_path / 'a', '--max_iters=1', *common)       # a new run in a used folder starts a fresh one
+    assert [r['step'] for r in log_a if 'done' in r] == [1]
 
 
 @pytest.mark.parametrize('warmup', [False, True])
@@ -146,6 +150,7 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--data={"/no/{00000..00003}.tar": 1.0}'], "data source '/no/{00000..00003}.tar' does not exist"),
     (['--max_bad_fraction=2.0'], 'max_bad_fraction=2.0, want a fraction in [0, 1]'),
     (['--pred=eps'], "pred='eps', want one of ('x', 'v', 'skip')"),
+    (['--cooldown_iters=100', '--time_budget=60'], 'but time_budget=60 may stop the run before it'),
     (['--init_from=resume'], 'init_from=resume but there is no'),
 ])
 def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
