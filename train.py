@@ -33,8 +33,9 @@ ckpt_interval = 1000      # and a checkpoint (always one at the end)
 keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are also kept as ckpt_0001000.pt, ...
 init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage from its weights
 max_iters = 20000         # a cap: the default run stops at its time_budget first on a CPU
-time_budget = 780.0       # seconds; stop once the loop has run this long (0 = off): the default trains for 13
-                          # minutes on any machine (README: more steps are its surest gain); the speedrun sets 0
+time_budget = 860.0       # seconds; stop once the loop has run this long (0 = off): the default trains for 14
+                          # min 20 s on any machine, the 15 minutes it is allowed less a margin for start-up and
+                          # the last checkpoint (README: more steps are its surest gain); the speedrun sets 0
 # data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards (a glob or 'x/{00000..00127}.tar'),
 # weighted (README, "Data")
 data = {'shapes': 1.0}
@@ -289,8 +290,11 @@ if master:
 def update_ema(n_updates, ok):
     """ok: a 0-dim 0/1 tensor, 0 for a skipped step, which leaves the EMA as it was: decided on the device."""
     decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
-    # ema += ok (1 - decay) (raw - ema); not _foreach_lerp_, which would read a tensor weight back to the host
     ema_params = list(ema.parameters())
+    if device_type == 'cpu':   # ema += ok (1 - decay) (raw - ema) in one pass: 3x faster than the three below
+        torch._foreach_lerp_(ema_params, list(raw.parameters()), ok * (1 - decay))
+        return
+    # on a GPU not _foreach_lerp_, which would read its tensor weight back to the host (a sync a step)
     delta = torch._foreach_sub(list(raw.parameters()), ema_params)
     torch._foreach_mul_(delta, ok * (1 - decay))
     torch._foreach_add_(ema_params, delta)
@@ -398,7 +402,8 @@ while step < max_iters and not (stopped_by := stop_now()):
     # same norm and skips together; the step still counts (its batch is spent). The skip is decided on the device
     # (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host sync;
     # skipped steps are counted every log_interval steps.
-    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'),
+                                          foreach=True)   # on a CPU too: 1.2x faster than per tensor
     found_inf = (~torch.isfinite(norm)).float()
     for opt in opts:
         opt.found_inf = found_inf
