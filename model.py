@@ -206,18 +206,21 @@ class DiT(nn.Module):
 
     def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                              muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw',
-                             fused=True):
+                             fused=True, muon_ns_steps=5, muon_adaln=True):
         """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
         the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them.
+        muon_adaln=False leaves the blocks' adaLN matrices to AdamW as well (the shapes default: a quarter of
+        Newton-Schulz's work on a CPU, README); muon_ns_steps: Newton-Schulz steps per update (the speedrun: 5).
         fused: AdamW's one-kernel step, on a GPU and on a CPU (equal to the foreach step, tests/test_model.py, and
         faster on both, BENCHMARKS.md); it also skips a non-finite step on the device (found_inf), as train.py needs."""
         named = list(self.named_parameters())
-        to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2}
+        to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2
+                   and (muon_adaln or '.ada.' not in n)}
         opts = [torch.optim.AdamW([p for n, p in named if n not in to_muon], lr=learning_rate, betas=betas, eps=eps,
                                   weight_decay=weight_decay, fused=fused)]
         if optimizer == 'muon':
             opts.append(Muon([p for n, p in named if n in to_muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
-                             weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr))
+                             weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr, ns_steps=muon_ns_steps))
         return opts
 
     def num_params(self):

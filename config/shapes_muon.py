@@ -3,3 +3,5 @@
 out_dir = 'out-muon'
 optimizer = 'muon'
 muon_lr = 1e-3
+muon_ns_steps = 5         # as measured in BENCHMARKS.md's ablation, before the default took Muon
+muon_adaln = True

@@ -34,6 +34,7 @@ def test_speedrun_says_the_recipe():
     assert c['repa_teacher'] == 'vit_large_patch16_dinov3' and c['dino_model'] == 'vit_base_patch14_reg4_dinov2'
     assert (c['route_ratio'], c['route_start'], c['route_end']) == (0.5, 2, -1)
     assert (c['optimizer'], c['muon_lr'], c['muon_momentum'], c['muon_adjust_lr']) == ('muon', 1e-4, 0.95, 'match_rms_adamw')
+    assert (c['muon_ns_steps'], c['muon_adaln']) == (5, True)   # not the shapes default's 3 and False
     assert (c['learning_rate'], c['betas'], c['eps']) == (1e-4, (0.9, 0.95), 1e-8)
     assert (c['ema_decay'], c['ema_interval'], c['ema_warmup']) == (0.999, 10, False)
     assert c['text_encoder'] == 'google/t5gemma-2b-2b-ul2' and c['text_len'] == 256 and c['caption_dropout'] == 0.1

@@ -124,6 +124,20 @@ def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
     assert all(len(s['momentum_buffer'].shape) == 2 for s in muon_sd['state'].values()) and muon_sd['state']
 
 
+def test_muon_adaln_off_leaves_the_modulation_to_adam():
+    # the shapes default (muon_adaln=False): the blocks' adaLN matrices go to AdamW, every other block matrix to Muon,
+    # and Muon runs the Newton-Schulz steps it is given
+    from model import DiT, DiTConfig
+    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32))
+    adam, muon = m.configure_optimizers('muon', muon_adaln=False, muon_ns_steps=3)
+    names = {id(p): n for n, p in m.named_parameters()}
+    in_muon = {names[id(p)] for p in muon.param_groups[0]['params']}
+    ada = {f'blocks.{i}.ada.weight' for i in range(2)}
+    assert in_muon == {n for n, p in m.named_parameters() if n.startswith('blocks.') and p.ndim == 2} - ada
+    assert ada <= {names[id(p)] for p in adam.param_groups[0]['params']}
+    assert muon.param_groups[0]['ns_steps'] == 3
+
+
 def test_learning_curve_rows_do_not_change_training(tmp_path):
     args = ['--max_iters=6', '--batch_size=8', '--warmup_iters=2', '--route_ratio=0.5', '--route_start=1', '--n_layer=3']
     plain = train(tmp_path / 'plain', *args)
@@ -207,6 +221,9 @@ def test_new_stage_from_a_checkpoint_keeps_it_and_drops_repa(tmp_path):
     err = refused(tmp_path / 's3', '--n_embd=64', f'--init_from={tmp_path / "s1" / "ckpt.pt"}')
     assert 'the model differs from the checkpoint\'s: n_embd=64 (checkpoint: 32)' in err
     assert "use init_from='resume'" in refused(tmp_path / 's1', f'--init_from={tmp_path / "s1" / "ckpt.pt"}')
+    # the optimizer states load one to one, so another split between AdamW and Muon is refused by name
+    err = refused(tmp_path / 's4', '--optimizer=adamw', f'--init_from={tmp_path / "s1" / "ckpt.pt"}')
+    assert "the checkpoint was trained with optimizer='muon', muon_adaln=False" in err
 
 
 def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path):
