@@ -228,13 +228,16 @@ if init_from != 'scratch':  # 'resume' continues out_dir's run; a path starts a 
     if differ:
         raise SystemExit(f'config error: init_from={init_from}: the model differs from the checkpoint\'s: '
                          + ', '.join(differ))
-    # the optimizers' states are loaded one to one: the split of parameters between AdamW and Muon must match
-    # (a checkpoint from before these keys existed was AdamW only, or Muon with the adaLN matrices)
-    old_split = (ckpt['config'].get('optimizer', 'adamw'), ckpt['config'].get('muon_adaln', True))
-    if old_split[0] != optimizer or (optimizer == 'muon' and old_split[1] != muon_adaln):
-        raise SystemExit(f'config error: init_from={init_from}: the checkpoint was trained with optimizer='
-                         f'{old_split[0]!r}' + (f', muon_adaln={old_split[1]}' if old_split[0] == 'muon' else '') +
-                         f'; pass the same (--optimizer=... --muon_adaln=...) to go on from its optimizer state')
+
+    def split(c):
+        """How a config shares the parameters between AdamW and Muon (a checkpoint from before these keys: AdamW
+        only, or Muon with the adaLN matrices). The optimizers' states are loaded one to one, so it must match."""
+        o = c.get('optimizer', 'adamw')
+        return f'optimizer={o!r}' + (f", muon_adaln={c.get('muon_adaln', True)}" if o == 'muon' else '')
+    if split(ckpt['config']) != split(config):
+        raise SystemExit(f'config error: init_from={init_from}: the checkpoint was trained with '
+                         f"{split(ckpt['config'])}; pass the same (--optimizer=... --muon_adaln=...) to go on from its "
+                         'optimizer state')
 raw = DiT(DiTConfig(**model_args)).to(device)   # `raw` is the module itself: its weights, state dict and EMA
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
