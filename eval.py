@@ -117,7 +117,8 @@ def fitted_shape(region):
 
 def score_image(img, caption):
     """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every
-    object of the caption), 'background', and 'correct' (all five)."""
+    object of the caption), 'background', and 'correct' (all five); and 'drawn', the fitted shape of each object of
+    the caption in order (None where no region of its colour was found), for shape_confusion."""
     p = parse_caption(caption)
     R = img.shape[0]
     assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
@@ -125,7 +126,7 @@ def score_image(img, caption):
     dist = np.linalg.norm(img[:, :, None, :].astype(np.float32) - palette, axis=-1)
     label = np.where(dist.min(-1) <= _FAR, dist.argmin(-1), -1)  # 0 background, 1.. the colours, -1 ignored
     checks = dict(color=True, shape=True, size=True, position=True)
-    centroids = []
+    centroids, drawn = [], []
     for o in p['objects']:
         region = largest_region(label == 1 + list(data.COLORS).index(o['color']))
         side = data.SIZES[o['size']] * R
@@ -134,12 +135,14 @@ def score_image(img, caption):
             # not found: its shape, size and place fail too (a speck must not pass for the object)
             checks = dict.fromkeys(checks, False)
             centroids.append(None)
+            drawn.append(None)
             continue
         ys, xs = np.array(region).T
         y0, x0 = ys.min(), xs.min()
         mask = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), bool)
         mask[ys - y0, xs - x0] = True
-        checks['shape'] &= fitted_shape(mask) == o['shape']
+        drawn.append(fitted_shape(mask))
+        checks['shape'] &= drawn[-1] == o['shape']
         mean_side = sum(mask.shape) / 2
         small, large = data.SIZES['small'] * R, data.SIZES['large'] * R
         checks['size'] &= (abs(mean_side - small) < abs(mean_side - large)) == (o['size'] == 'small')
@@ -157,7 +160,7 @@ def score_image(img, caption):
     nearest = min(data.BACKGROUNDS, key=lambda b: np.linalg.norm(median - np.array(data.BACKGROUNDS[b], np.float32)))
     checks['background'] = nearest == p['background']
     checks = {k: bool(v) for k, v in checks.items()}
-    return {**checks, 'correct': all(checks.values())}
+    return {**checks, 'correct': all(checks.values()), 'drawn': drawn}
 
 
 def score(images, captions, groups):
@@ -169,6 +172,27 @@ def score(images, captions, groups):
         report[group] = {'n': len(rs), **{k: sum(r[k] for r in rs) / len(rs) if rs else None
                                            for k in RATES}}
     return report
+
+
+def shape_confusion(images, captions, groups):
+    """Per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks for was drawn as each shape
+    ('none': no region of its colour). Two-object groups also count, of the objects drawn with a wrong shape whose
+    partner asks for another shape, how many took the partner's ('partner': a binding leak; chance is half)."""
+    out = {}
+    for img, c, g in zip(images, captions, groups, strict=True):
+        asked = [o['shape'] for o in parse_caption(c)['objects']]
+        drawn = score_image(img, c)['drawn']
+        for group in (g, 'all'):
+            m = out.setdefault(group, {'drawn': {s: dict.fromkeys((*data.SHAPES, 'none'), 0) for s in data.SHAPES}})
+            for a, d in zip(asked, drawn):
+                m['drawn'][a][d or 'none'] += 1
+            if len(asked) == 2:
+                leak = m.setdefault('partner', {'wrong': 0, 'took_partner': 0})
+                for a, d, other in zip(asked, drawn, asked[::-1]):
+                    if d is not None and d != a and other != a:
+                        leak['wrong'] += 1
+                        leak['took_partner'] += d == other
+    return out
 
 
 def load_dir(samples_dir):
@@ -233,6 +257,7 @@ if __name__ == '__main__':
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
         try:
             report = score(images, captions, [caption_group(c) for c in captions])
+            report['shapes'] = shape_confusion(images, captions, [caption_group(c) for c in captions])
         except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
             if not fd_ref:
                 raise
@@ -255,6 +280,7 @@ if __name__ == '__main__':
                       sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
         report = score(images, captions, [g for _, g in prompts])
+        report['shapes'] = shape_confusion(images, captions, [g for _, g in prompts])
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')
@@ -269,4 +295,11 @@ if __name__ == '__main__':
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
                                         shift=cfg['t_shift'], from_t=from_t, use_ema=use_ema, seed=seed,
                                         fd_ref=fd_ref), **report}, f, indent=2)
+    shapes = report.pop('shapes', None)   # eval.json has it whole; stderr gets the wrong shapes in one line
     print(json.dumps(report, indent=2))
+    if shapes:
+        wrong = [f'{a} as {d} {n}' for a, row in shapes['all']['drawn'].items() for d, n in row.items() if n and d != a]
+        leak = shapes.get('two', {}).get('partner')
+        print('shapes drawn wrong (all prompts): ' + (', '.join(wrong) or 'none') +
+              (f"; two-object: {leak['took_partner']} of {leak['wrong']} wrong ones took the partner's shape"
+               if leak else ''), file=sys.stderr)   # stdout stays one JSON document

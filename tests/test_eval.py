@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data import BACKGROUNDS, caption, eval_prompts, render, sample_scene, shapes_example, tokenize_bytes
-from eval import caption_group, load_dir, parse_caption, score, score_image
+from eval import caption_group, load_dir, parse_caption, score, score_image, shape_confusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ('color', 'shape', 'size', 'position')
@@ -128,6 +128,24 @@ def test_score_report_and_groups():
     assert report['two']['correct'] == report['held_out']['correct'] == 1.0
     assert abs(report['all']['correct'] - 2 / 3) < 1e-9
     json.dumps(report)
+
+
+def test_shape_confusion_counts_what_was_drawn_and_the_partner_leak():
+    a = dict(shape='square', color='blue', size='large', cell=0, side=0.26, dx=0.0, dy=0.0)
+    b = dict(shape='circle', color='red', size='large', cell=2, side=0.26, dx=0.0, dy=0.0)
+    right = render({'background': 'gray', 'objects': [a, b]}, 64)
+    leaked = render({'background': 'gray', 'objects': [a, dict(b, shape='square')]}, 64)   # B drawn as A's shape
+    one = render(one_scene(), 64)   # a red circle, captioned as a triangle
+    two_caption = 'a large blue square to the left of a large red circle on a gray background'
+    c = shape_confusion([right, leaked, one], [two_caption, two_caption,
+                        'a large red triangle in the center on a gray background'], ['two', 'two', 'one'])
+    assert c['two']['drawn']['square'] == dict(circle=0, square=2, triangle=0, none=0)
+    assert c['two']['drawn']['circle'] == dict(circle=1, square=1, triangle=0, none=0)
+    assert c['two']['partner'] == dict(wrong=1, took_partner=1)
+    assert c['one']['drawn']['triangle'] == dict(circle=1, square=0, triangle=0, none=0) and 'partner' not in c['one']
+    assert c['all']['drawn']['circle']['square'] == 1 and c['all']['partner'] == dict(wrong=1, took_partner=1)
+    blank = np.full((64, 64, 3), BACKGROUNDS['gray'], np.uint8)
+    assert shape_confusion([blank], [two_caption], ['two'])['two']['drawn']['circle']['none'] == 1
 
 
 def test_load_dir_and_cli(tmp_path):
