@@ -256,8 +256,8 @@ if __name__ == '__main__':
         if not images:
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
         try:
-            report = score(images, captions, [caption_group(c) for c in captions])
-            report['shapes'] = shape_confusion(images, captions, [caption_group(c) for c in captions])
+            groups = [caption_group(c) for c in captions]
+            report = {**score(images, captions, groups), 'shapes': shape_confusion(images, captions, groups)}
         except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
             if not fd_ref:
                 raise
@@ -279,8 +279,8 @@ if __name__ == '__main__':
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
                       sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
-        report = score(images, captions, [g for _, g in prompts])
-        report['shapes'] = shape_confusion(images, captions, [g for _, g in prompts])
+        groups = [g for _, g in prompts]
+        report = {**score(images, captions, groups), 'shapes': shape_confusion(images, captions, groups)}
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')
