@@ -165,7 +165,12 @@ def score_image(img, caption):
 
 def score(images, captions, groups):
     """Rates of correct images and of each check, per group ('one', 'two', 'held_out') and for 'all'."""
-    results = [(g, score_image(img, c)) for img, c, g in zip(images, captions, groups, strict=True)]
+    return rates([score_image(img, c) for img, c in zip(images, captions, strict=True)], groups)
+
+
+def rates(results, groups):
+    """score()'s report from score_image's results, one per image."""
+    results = list(zip(groups, results, strict=True))
     report = {}
     for group in ('one', 'two', 'held_out', 'all'):
         rs = [r for g, r in results if group in (g, 'all')]
@@ -174,14 +179,14 @@ def score(images, captions, groups):
     return report
 
 
-def shape_confusion(images, captions, groups):
-    """Per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks for was drawn as each shape
-    ('none': no region of its colour). Two-object groups also count, of the objects drawn with a wrong shape whose
-    partner asks for another shape, how many took the partner's ('partner': a binding leak; chance is half)."""
+def shape_confusion(results, captions, groups):
+    """From score_image's results, per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks
+    for was drawn as each shape ('none': no region of its colour). Two-object groups also count, of the objects drawn
+    with a wrong shape whose partner asks for another shape, how many took the partner's ('partner': a binding leak;
+    chance is half)."""
     out = {}
-    for img, c, g in zip(images, captions, groups, strict=True):
-        asked = [o['shape'] for o in parse_caption(c)['objects']]
-        drawn = score_image(img, c)['drawn']
+    for r, c, g in zip(results, captions, groups, strict=True):
+        asked, drawn = [o['shape'] for o in parse_caption(c)['objects']], r['drawn']
         for group in (g, 'all'):
             m = out.setdefault(group, {'drawn': {s: dict.fromkeys((*data.SHAPES, 'none'), 0) for s in data.SHAPES}})
             for a, d in zip(asked, drawn):
@@ -257,7 +262,8 @@ if __name__ == '__main__':
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
         try:
             groups = [caption_group(c) for c in captions]
-            report = {**score(images, captions, groups), 'shapes': shape_confusion(images, captions, groups)}
+            results = [score_image(img, c) for img, c in zip(images, captions)]   # once, for both reports
+            report = {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
         except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
             if not fd_ref:
                 raise
@@ -280,7 +286,8 @@ if __name__ == '__main__':
                       sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
         groups = [g for _, g in prompts]
-        report = {**score(images, captions, groups), 'shapes': shape_confusion(images, captions, groups)}
+        results = [score_image(img, c) for img, c in zip(images, captions)]
+        report = {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')

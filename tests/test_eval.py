@@ -137,15 +137,17 @@ def test_shape_confusion_counts_what_was_drawn_and_the_partner_leak():
     leaked = render({'background': 'gray', 'objects': [a, dict(b, shape='square')]}, 64)   # B drawn as A's shape
     one = render(one_scene(), 64)   # a red circle, captioned as a triangle
     two_caption = 'a large blue square to the left of a large red circle on a gray background'
-    c = shape_confusion([right, leaked, one], [two_caption, two_caption,
-                        'a large red triangle in the center on a gray background'], ['two', 'two', 'one'])
+    captions = [two_caption, two_caption, 'a large red triangle in the center on a gray background']
+    c = shape_confusion([score_image(i, t) for i, t in zip([right, leaked, one], captions)], captions,
+                        ['two', 'two', 'one'])
     assert c['two']['drawn']['square'] == dict(circle=0, square=2, triangle=0, none=0)
     assert c['two']['drawn']['circle'] == dict(circle=1, square=1, triangle=0, none=0)
     assert c['two']['partner'] == dict(wrong=1, took_partner=1)
     assert c['one']['drawn']['triangle'] == dict(circle=1, square=0, triangle=0, none=0) and 'partner' not in c['one']
     assert c['all']['drawn']['circle']['square'] == 1 and c['all']['partner'] == dict(wrong=1, took_partner=1)
     blank = np.full((64, 64, 3), BACKGROUNDS['gray'], np.uint8)
-    assert shape_confusion([blank], [two_caption], ['two'])['two']['drawn']['circle']['none'] == 1
+    c = shape_confusion([score_image(blank, two_caption)], [two_caption], ['two'])
+    assert c['two']['drawn']['circle']['none'] == 1
 
 
 def test_load_dir_and_cli(tmp_path):
