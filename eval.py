@@ -183,7 +183,8 @@ def shape_confusion(results, captions, groups):
     """From score_image's results, per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks
     for was drawn as each shape ('none': no region of its colour). Two-object groups also count, of the objects drawn
     with a wrong shape whose partner asks for another shape, how many took the partner's ('partner': a binding leak;
-    chance is half)."""
+    chance is half), and per-object shape errors apart for pairs that ask for one shape twice and for two different
+    shapes ('pairs'): only the second must bind each shape word to its own object, so the gap is binding's cost."""
     out = {}
     for r, c, g in zip(results, captions, groups, strict=True):
         asked, drawn = [o['shape'] for o in parse_caption(c)['objects']], r['drawn']
@@ -197,6 +198,10 @@ def shape_confusion(results, captions, groups):
                     if d is not None and d != a and other != a:
                         leak['wrong'] += 1
                         leak['took_partner'] += d == other
+                pairs = m.setdefault('pairs', {k: {'objects': 0, 'wrong': 0} for k in ('same_shape', 'different')})
+                p = pairs['same_shape' if asked[0] == asked[1] else 'different']
+                p['objects'] += 2
+                p['wrong'] += sum(d != a for a, d in zip(asked, drawn))
     return out
 
 
@@ -306,7 +311,9 @@ if __name__ == '__main__':
     print(json.dumps(report, indent=2))
     if shapes:
         wrong = [f'{a} as {d} {n}' for a, row in shapes['all']['drawn'].items() for d, n in row.items() if n and d != a]
-        leak = shapes.get('two', {}).get('partner')
+        leak, pairs = shapes.get('two', {}).get('partner'), shapes.get('two', {}).get('pairs')
         print('shapes drawn wrong (all prompts): ' + (', '.join(wrong) or 'none') +
-              (f"; two-object: {leak['took_partner']} of {leak['wrong']} wrong ones took the partner's shape"
+              (f"; two-object: {leak['took_partner']} of {leak['wrong']} wrong ones took the partner's shape, "
+               f"wrong {pairs['same_shape']['wrong']} of {pairs['same_shape']['objects']} objects of pairs asking "
+               f"one shape twice, {pairs['different']['wrong']} of {pairs['different']['objects']} of pairs asking two"
                if leak else ''), file=sys.stderr)   # stdout stays one JSON document

@@ -33,6 +33,7 @@ class DiTConfig:
     text_dim: int = 128         # width of the text states that enter the model
     text_len: int = 96          # max caption bytes (bytes encoder only)
     text_layers: int = 0        # transformer layers over the bytes encoder's word tokens
+    text_window: int = 0        # bytes encoder: each word token also reads its neighbours (odd width); 0 = off
     pred: str = 'x'             # the network outputs 'x' the clean image (JiT), 'v' the velocity, or 'skip' (skip_x)
     text_pool: bool = False     # add the masked mean of the caption tokens to the adaLN conditioning (DiT, SD3)
     route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
@@ -129,7 +130,7 @@ class ByteTextEncoder(nn.Module):
     on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
     word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
 
-    def __init__(self, dim, max_len, n_layer, max_words=32):
+    def __init__(self, dim, max_len, n_layer, max_words=32, window=0):
         super().__init__()
         self.embed = nn.Embedding(257, dim)          # 256 byte values and BOS (data.tokenize_bytes)
         self.char_pos = nn.Embedding(max_len, dim)   # place of a byte in its word
@@ -137,6 +138,11 @@ class ByteTextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
+        # a convolution over the word tokens, zero-initialised so it starts as the identity (see forward)
+        self.window = nn.Conv1d(dim, dim, window, padding=window // 2) if window else None
+        if self.window is not None:
+            nn.init.zeros_(self.window.weight)
+            nn.init.zeros_(self.window.bias)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids, mask):
@@ -159,6 +165,11 @@ class ByteTextEncoder(nn.Module):
         # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never recompiles
         # (trimming to the words in use was a data-dependent shape, a graph break); masked keys change no output
         word_mask = n > 0
+        if self.window is not None:
+            # binding: in "a small red circle to the left of a large blue square" the token of "circle" gains "small
+            # red" and that of "square" "large blue", so an image token that z_t shows red finds its shape by one
+            # attention lookup on colour; with separate words it must find "red" and then the word after it
+            x = x + self.window((x * word_mask[..., None]).transpose(1, 2)).transpose(1, 2)
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~word_mask)
         return self.norm(x), word_mask
@@ -172,7 +183,8 @@ class DiT(nn.Module):
         assert cfg.pred in ('x', 'v', 'skip'), f"pred must be 'x', 'v' or 'skip', got {cfg.pred!r}"
         assert d % cfg.n_head == 0 and (d // cfg.n_head) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
         self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False), nn.Linear(cfg.bottleneck, d))
-        self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers) if cfg.text_encoder == 'bytes' else None
+        self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers,
+                                            window=cfg.text_window) if cfg.text_encoder == 'bytes' else None
         self.text_proj = nn.Linear(cfg.text_dim, d)   # the one linear from the text encoder into the model
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         # the pooled caption joins the timestep in every block's modulation, as DiT's class embedding and SD3's pooled
@@ -206,11 +218,12 @@ class DiT(nn.Module):
 
     def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                              muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw',
-                             fused=True, muon_ns_steps=5, muon_adaln=True):
+                             fused=True, muon_ns_steps=5, muon_adaln=True, muon_ns_dtype='default'):
         """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
         the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them.
         muon_adaln=False leaves the blocks' adaLN matrices to AdamW as well (the shapes default: a quarter of
-        Newton-Schulz's work on a CPU, README); muon_ns_steps: Newton-Schulz steps per update (the speedrun: 5).
+        Newton-Schulz's work on a CPU, README); muon_ns_steps: Newton-Schulz steps per update (the speedrun: 5);
+        muon_ns_dtype: their dtype (muon.Muon's ns_dtype).
         fused: AdamW's one-kernel step, on a GPU and on a CPU (equal to the foreach step, tests/test_model.py, and
         faster on both, BENCHMARKS.md); it also skips a non-finite step on the device (found_inf), as train.py needs."""
         named = list(self.named_parameters())
@@ -220,7 +233,8 @@ class DiT(nn.Module):
                                   weight_decay=weight_decay, fused=fused)]
         if optimizer == 'muon':
             opts.append(Muon([p for n, p in named if n in to_muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
-                             weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr, ns_steps=muon_ns_steps))
+                             weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr, ns_steps=muon_ns_steps,
+                             ns_dtype=muon_ns_dtype))
         return opts
 
     def num_params(self):
@@ -239,6 +253,7 @@ class DiT(nn.Module):
         if self.text_encoder is not None:
             L = self.text_encoder.word_pos.num_embeddings
             macs += cfg.text_layers * L * (12 * w * w + 2 * L * w)       # qkv, out, 4x MLP; scores and values
+            macs += L * cfg.text_window * w * w                          # the word window
         macs += L * w * d + 256 * d + d * d + (2 * d * d if cfg.text_pool else 0)   # text_proj, t_embed, text_pool
         n_keep = max(1, round(N * (1 - cfg.route_ratio)))
         for i in range(cfg.n_layer):

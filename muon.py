@@ -31,27 +31,54 @@ Gradients must already be identical on every rank (DDP all-reduces them), so eac
 rank keeps all momentum buffers and the state dict is an ordinary Optimizer one.
 """
 
+import collections
 import math
+import time
 
 import torch
 import torch.distributed as dist
 
 
+NS_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+
+
 def ns_dtype(device):
-    # bfloat16 is stable enough here and twice as fast on a GPU (Jordan 2024); a CPU has no fast bfloat16 matmul
-    # (measured: it made the shapes default's step 1.2x slower), so there the iteration runs in float32
+    # bfloat16 is stable enough here and twice as fast on a GPU (Jordan 2024); on a CPU it depends on the CPU (see
+    # fastest_ns_dtype), so float32 unless Muon is told or times it
     return torch.bfloat16 if device.type == 'cuda' else torch.float32
 
 
-def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
+def fastest_ns_dtype(shapes, steps, device, reps=5):
+    """float32 or bfloat16, whichever runs Newton-Schulz faster here on stacks of these (count, rows, cols).
+    A GPU is always bfloat16. A CPU differs by model: the shapes default's Muon step took 0.6x the time in bfloat16
+    on a 2-core AMD EPYC with AVX-512 bf16 instructions, and an earlier session measured the train step 1.2x slower
+    in bfloat16 on its CPU (README), so it is timed: a warm-up and the best of `reps` runs each, about a
+    second at start-up (1.2 s on the AMD EPYC above, most of it the first bfloat16 call)."""
+    if device.type == 'cuda':
+        return torch.bfloat16
+    stacks = [torch.randn(*s, device=device) for s in shapes]
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            for G in stacks:
+                zeropower_via_newtonschulz5(G, steps, dtype=dtype)
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times[1:])
+    return min(best, key=best.get)
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
     """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own. Muon.step
-    stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace 168 small ones."""
+    stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace 168 small ones.
+    dtype: of the iteration (default ns_dtype(device)); the result comes back in it."""
     # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
     # maximise the slope at 0, so 5 steps push all singular values into roughly
     # [0.7, 1.2] rather than exactly 1, which does not hurt training.
     assert G.ndim in (2, 3), f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(G.shape)}"
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(ns_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (k, m, n)
+    X = G.to(dtype or ns_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (k, m, n)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # iterate on the smaller Gram matrix X X^T
@@ -68,12 +95,30 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
-                 weight_decay=0.0, adjust_lr='match_rms_adamw'):
+                 weight_decay=0.0, adjust_lr='match_rms_adamw', ns_dtype='default'):
+        """ns_dtype: the Newton-Schulz iteration's dtype, 'default' (bfloat16 on a GPU, float32 on a CPU), 'auto'
+        (fastest_ns_dtype, timed on these parameters' shapes), 'float32' or 'bfloat16'. The choice is saved with the
+        state dict, so a resumed run, on any machine, keeps it."""
+        if ns_dtype not in ('default', 'auto', 'float32', 'bfloat16'):
+            raise ValueError(f"ns_dtype must be 'default', 'auto', 'float32' or 'bfloat16', got {ns_dtype!r}")
         if adjust_lr not in ('match_rms_adamw', 'original'):
             raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, adjust_lr=adjust_lr)
         super().__init__(params, defaults)
+        ps = [p for g in self.param_groups for p in g['params']]
+        if ns_dtype == 'auto' and ps:
+            counts = collections.Counter(tuple(p.shape) for p in ps)
+            ns_dtype = str(fastest_ns_dtype([(k, *s) for s, k in counts.items()], ns_steps, ps[0].device))[6:]
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            if distributed and ps[0].device.type != 'cuda':
+                # every rank must gather its share in one dtype: rank 0's timing decides for all (a CPU tensor: gloo)
+                bf16 = torch.tensor([int(ns_dtype == 'bfloat16')])
+                dist.broadcast(bf16, 0)
+                ns_dtype = 'bfloat16' if bf16.item() else 'float32'
+        # the choice lives in the param groups, so the state dict keeps it: a resumed run goes on in the same dtype
+        for g in self.param_groups:
+            g['ns_dtype'] = ns_dtype if ns_dtype in NS_DTYPES else None   # None: ns_dtype(device)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -122,7 +167,8 @@ class Muon(torch.optim.Optimizer):
                 mine = list(zip(grads, bufs))[rank * per:(rank + 1) * per]
                 updates = [g.lerp(buf, momentum) if group['nesterov'] else buf for g, buf in mine]
                 G = torch.stack(updates) if updates else ps[0].new_zeros(0, *shape)
-                ortho = zeropower_via_newtonschulz5(G, group['ns_steps'])  # (len(updates), *shape)
+                dtype = NS_DTYPES.get(group.get('ns_dtype'))   # None (also in checkpoints from before): the device's
+                ortho = zeropower_via_newtonschulz5(G, group['ns_steps'], dtype=dtype)  # (len(updates), *shape)
                 if distributed:
                     # all_gather needs equal sizes: every rank sends `per` matrices, the last rank's zero-padded
                     flat = torch.zeros(per, *shape, dtype=ortho.dtype, device=ortho.device)

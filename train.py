@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import BAD_REASONS, Mixture, StepBatches, load_text_encoder, shard_paths, to_model_images
 from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
+from muon import ns_dtype
 from sample import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -53,6 +54,7 @@ text_len = 96
 text_dim = 128            # width of the bytes encoder (a Hugging Face encoder brings its own)
 text_cache = ''           # a folder of cache_text.py's frozen-encoder states; captions not in it are encoded on the fly
 text_layers = 0           # transformer layers over the pooled word tokens of the bytes encoder (README)
+text_window = 0           # the bytes encoder's word tokens each read their neighbours, this many words wide (model.py)
 text_pool = True          # the mean caption token joins the timestep in adaLN (model.py; the speedrun: off)
 caption_dropout = 0.1     # for classifier-free guidance
 # model
@@ -68,7 +70,9 @@ t_std = 1.0
 t_shift = 10.0            # shift toward noise, also used by the sampler (the speedrun: 3; README: flat images need more)
 t_uniform = 0.5           # fraction of t drawn uniformly (the speedrun: 0.1; README: shapes need the low noise too)
 noise_scale = 1.0         # JiT: res / 256 at high resolution
-loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at 0.05); 'x': MSE on the clean image (losses.py)
+loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at v_clip); 'x': MSE on the clean image (losses.py)
+v_clip = 0.2              # 'v' loss: 1 - t is clipped here where it divides, so a nearly clean sample weighs at
+                          # most 1 / v_clip^2 (JiT and the speedrun: 0.05; README: the shapes set gains at 0.2)
 pred = 'skip'             # 'x' (JiT, the speedrun's), 'v' (velocity) or 'skip': x plus EDM's skip from z_t (model.py)
 # TREAD token routing (model.py)
 route_ratio = 0.0
@@ -93,6 +97,8 @@ muon_momentum = 0.95
 muon_weight_decay = 0.0
 muon_adjust_lr = 'match_rms_adamw'
 muon_ns_steps = 3         # Newton-Schulz steps per update (the speedrun: 5): each costs ~8% of the default's CPU step
+muon_ns_dtype = 'auto'    # Newton-Schulz in 'float32', 'bfloat16', 'default' (bf16 on a GPU, else fp32) or 'auto'
+                          # (bf16 on a GPU; on a CPU the faster of the two, timed at start-up: muon.py)
 muon_adaln = False        # the blocks' adaLN matrices on Muon too (the speedrun: True); off, AdamW takes them
 warmup_iters = 300
 cooldown_iters = 0        # LR falls linearly to 0 over the last N steps (0 = constant to the end, the speedrun's)
@@ -128,7 +134,7 @@ config = configure(globals())
 def config_errors():
     """Every mistake of the config that would otherwise surface as a traceback deep in the model, or not at all."""
     choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'), 'pred': ('x', 'v', 'skip'),
-               'loss_target': ('v', 'x')}
+               'loss_target': ('v', 'x'), 'muon_ns_dtype': ('default', 'auto', 'float32', 'bfloat16')}
     errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
     lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1, 'warmup_iters': 1,
               'cooldown_iters': 0, 'ema_interval': 1, 'n_layer': 1, 'patch_size': 1, 'image_size': 1, 'eval_n': 1,
@@ -143,6 +149,10 @@ def config_errors():
     if cooldown_iters and time_budget > 0:
         errors.append(f'cooldown_iters={cooldown_iters} counts back from max_iters={max_iters}, but time_budget='
                       f'{time_budget} may stop the run before it: set --time_budget=0 with a cooldown')
+    if not 0 < v_clip <= 1:
+        errors.append(f'v_clip={v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity loss divides by)')
+    if text_window < 0 or (text_window and text_window % 2 == 0):
+        errors.append(f'text_window={text_window}, want 0 (off) or an odd number of words (the word in the middle)')
     if not 0 <= route_ratio < 1:
         errors.append(f'route_ratio={route_ratio}, want 0 (off) <= route_ratio < 1')
     elif route_ratio > 0 and n_layer >= 1 and len(range(n_layer)[route_start:route_end]) == 0:
@@ -215,6 +225,7 @@ encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_typ
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
 model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                   mlp_ratio=mlp_ratio, text_encoder=text_encoder, text_len=text_len, text_layers=text_layers,
+                  text_window=text_window,
                   text_dim=text_dim if text_encoder == 'bytes' else encode.dim, text_pool=text_pool, pred=pred,
                   route_ratio=route_ratio, route_start=route_start, route_end=route_end, repa_block=repa_block,
                   repa_dim=teacher.num_features if teacher is not None else 0)
@@ -255,7 +266,7 @@ if compile:   # the teachers too: they are a third of the speedrun step (BENCHMA
 loss_cfg = LossConfig.from_config(config)
 opts = raw.configure_optimizers(optimizer, learning_rate, betas, eps, weight_decay, muon_lr, muon_momentum,
                                 muon_weight_decay, muon_adjust_lr, muon_ns_steps=muon_ns_steps,
-                                muon_adaln=muon_adaln)   # [AdamW] or [AdamW, Muon]
+                                muon_adaln=muon_adaln, muon_ns_dtype=muon_ns_dtype)   # [AdamW] or [AdamW, Muon]
 for opt in opts:
     for g in opt.param_groups:
         g['base_lr'] = g['lr']   # the configured lr; the schedule sets g['lr'] = base_lr * lr_mult each step
@@ -295,8 +306,9 @@ accum = step_batches.accum   # micro-batches per process per step: StepBatches c
 loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
                                           persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
 if master:
+    ns = (opts[1].param_groups[0]['ns_dtype'] or str(ns_dtype(torch.device(device)))[6:]) if optimizer == 'muon' else ''
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
-          f'= batch {batch_size} | {device} {dtype}')
+          f'= batch {batch_size} | {device} {dtype}' + (f' | Newton-Schulz in {ns}' if ns else ''))
 
 
 @torch.no_grad()

@@ -183,6 +183,23 @@ def test_byte_encoder_tells_words_of_one_length_apart():
     assert cos(x[0, 4], x[1, 4]) > 0.99   # the same word in the same slot is the same token
 
 
+def test_byte_encoder_word_window_starts_as_the_identity_and_binds_a_shape_to_its_colour():
+    torch.manual_seed(0)
+    plain, win = ByteTextEncoder(16, 96, 0).eval(), ByteTextEncoder(16, 96, 0, window=5).eval()
+    win.load_state_dict(plain.state_dict(), strict=False)   # the same embeddings; the window's weights are zero
+    ids, mask = tokenize_bytes(['a small red circle to the left of a large blue square',
+                                'a small green circle to the left of a large blue square'], 96)
+    assert torch.equal(win(ids, mask)[0], plain(ids, mask)[0])   # zero init: the encoder starts as without it
+    torch.nn.init.normal_(win.window.weight, std=0.3)
+    with torch.no_grad():
+        s, words = win(ids, mask)
+        # 'circle' (word 3) now knows its colour; 'square' (word 11), eight words away, is the same token in both
+        assert not torch.allclose(s[0, 3], s[1, 3], atol=1e-3) and torch.allclose(s[0, 11], s[1, 11], atol=1e-6)
+        # the empty slots after the caption do not leak into its last words
+        win.word_pos.weight[words[0].sum():] += 1.0
+        assert torch.allclose(win(ids, mask)[0][words], s[words], atol=1e-6)
+
+
 def tiny_t5():
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
     torch.manual_seed(0)

@@ -143,11 +143,16 @@ def test_shape_confusion_counts_what_was_drawn_and_the_partner_leak():
     assert c['two']['drawn']['square'] == dict(circle=0, square=2, triangle=0, none=0)
     assert c['two']['drawn']['circle'] == dict(circle=1, square=1, triangle=0, none=0)
     assert c['two']['partner'] == dict(wrong=1, took_partner=1)
+    # both pairs ask for two shapes: of their four objects one is wrong; no pair asked for one shape twice
+    assert c['two']['pairs'] == dict(same_shape=dict(objects=0, wrong=0), different=dict(objects=4, wrong=1))
     assert c['one']['drawn']['triangle'] == dict(circle=1, square=0, triangle=0, none=0) and 'partner' not in c['one']
     assert c['all']['drawn']['circle']['square'] == 1 and c['all']['partner'] == dict(wrong=1, took_partner=1)
     blank = np.full((64, 64, 3), BACKGROUNDS['gray'], np.uint8)
     c = shape_confusion([score_image(blank, two_caption)], [two_caption], ['two'])
     assert c['two']['drawn']['circle']['none'] == 1
+    same = 'a large blue square to the left of a large red square on a gray background'
+    c = shape_confusion([score_image(leaked, same), score_image(blank, same)], [same, same], ['two', 'two'])
+    assert c['two']['pairs']['same_shape'] == dict(objects=4, wrong=2)   # the blank's two objects are not found
 
 
 def test_load_dir_and_cli(tmp_path):

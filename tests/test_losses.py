@@ -28,6 +28,9 @@ def test_velocity_loss_is_clipped_velocity_mse():
     torch.testing.assert_close(velocity_loss(x_pred, x, z, t), want)
     unclipped = (((x_pred - z) / (1 - t.view(-1, 1, 1, 1)) - (x - z) / (1 - t.view(-1, 1, 1, 1))) ** 2).mean()
     assert not torch.allclose(want, unclipped)
+    # v_clip: a weight of at most 1 / clip^2 on the x error; 1 - 0.7 = 0.3 is above a clip of 0.2, 0.01 below it
+    err = ((x_pred - x) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(velocity_loss(x_pred, x, z, t, clip=0.2), (err / torch.tensor([0.7, 0.2]) ** 2).mean())
 
 
 def test_shift_t():

@@ -178,7 +178,8 @@ def test_flops_per_image_matches_the_flop_counter():
     # the math SDPA backend: the counter knows no CPU flash-attention kernel, so it would miss the attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    for kw, states in ((dict(), None), (dict(route_ratio=0.5, repa_dim=24, repa_block=3, text_pool=True), None),
+    for kw, states in ((dict(), None),
+                       (dict(route_ratio=0.5, repa_dim=24, repa_block=3, text_pool=True, text_window=5), None),
                        (dict(text_encoder='t5', text_dim=48, route_ratio=0.25), torch.randn(2, 20, 48))):
         m = tiny(n_layer=5, **kw).train()
         z, t, ids, mask = inputs(size=64)

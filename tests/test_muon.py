@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import muon
 from muon import Muon, zeropower_via_newtonschulz5
 
 SHAPES = [(16, 16), (8, 24), (24, 8)]  # square, wide, tall
@@ -154,6 +155,35 @@ def test_rejects_non_matrix(shape):
         Muon([torch.nn.Parameter(torch.randn(shape))], lr=0.01)
 
 
+@pytest.mark.parametrize('shape', SHAPES)
+def test_newtonschulz_in_bfloat16_still_orthogonalises(shape):
+    torch.manual_seed(0)
+    s = torch.linalg.svdvals(zeropower_via_newtonschulz5(torch.randn(shape), dtype=torch.bfloat16).float())
+    assert s.min() > 0.5 and s.max() < 1.5, s
+
+
+def test_auto_ns_dtype_takes_whichever_is_faster_here(monkeypatch):
+    # 'auto' times both dtypes on the optimizer's own shapes: make one of them slow and it must take the other
+    real = muon.zeropower_via_newtonschulz5
+    for slow, want in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        def timed(G, steps=5, eps=1e-7, dtype=None, slow=slow):
+            if dtype is slow:
+                time.sleep(0.002)
+            return real(G, steps, eps, dtype)
+        monkeypatch.setattr(muon, 'zeropower_via_newtonschulz5', timed)
+        opt = Muon([torch.nn.Parameter(torch.randn(s)) for s in SHAPES], lr=0.01, ns_dtype='auto')
+        assert opt.param_groups[0]['ns_dtype'] == str(want)[6:]
+    monkeypatch.setattr(muon, 'zeropower_via_newtonschulz5', real)
+    # the choice is saved: a resumed optimizer keeps it whatever it would choose now
+    resumed = Muon([torch.nn.Parameter(torch.randn(s)) for s in SHAPES], lr=0.01, ns_dtype='auto')
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]['ns_dtype'] == 'float32'
+    assert Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_dtype='bfloat16').param_groups[0]['ns_dtype'] == 'bfloat16'
+    assert Muon([torch.nn.Parameter(torch.randn(4, 4))]).param_groups[0]['ns_dtype'] is None   # the device decides
+    with pytest.raises(ValueError, match="ns_dtype must be"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_dtype='fp8')
+
+
 # three (16, 16) and two (8, 24): shares of 2 and 1 matrices; shapes of one matrix leave rank 1 an empty share
 DIST_SHAPES = [(16, 16), (8, 24), (24, 8), (4, 32), (16, 16), (12, 12), (8, 24), (16, 16)]
 
@@ -165,7 +195,10 @@ def _dist_worker(rank, world, init_file, out_dir):
     try:
         # identical params and grads on every rank, as DDP leaves them
         params = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), DIST_SHAPES, steps=2)
-        torch.save(params, os.path.join(out_dir, f'rank{rank}.pt'))
+        # 'auto' on two ranks whose timings disagree: rank 0's choice must hold on both
+        muon.fastest_ns_dtype = lambda *a, **k: (torch.float32, torch.bfloat16)[rank]
+        auto = Muon([torch.nn.Parameter(torch.randn(s)) for s in DIST_SHAPES], ns_dtype='auto')
+        torch.save((params, auto.param_groups[0]['ns_dtype']), os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()  # teardown together: gloo aborts a rank whose peer is still busy (flaky SIGABRT)
     finally:
         dist.destroy_process_group()
@@ -182,6 +215,7 @@ def test_distributed_matches_single_process(tmp_path):
             pytest.fail('distributed Muon workers timed out')
     single = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), DIST_SHAPES, steps=2)
     for rank in range(world):
-        got = torch.load(tmp_path / f'rank{rank}.pt')
+        got, ns = torch.load(tmp_path / f'rank{rank}.pt')
+        assert ns == 'float32', (rank, ns)
         for a, b in zip(got, single):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -10,7 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--max_iters=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1', '--bottleneck=16',
         '--num_workers=0', '--compile=False', '--log_interval=1', '--sample_interval=0', '--ckpt_interval=0',
-        '--eval_interval=0']
+        '--eval_interval=0', '--muon_ns_dtype=float32']   # not 'auto': runs compared across processes time apart
 
 
 def command(out, *args, torchrun=0):
@@ -166,6 +166,9 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--pred=eps'], "pred='eps', want one of ('x', 'v', 'skip')"),
     (['--cooldown_iters=100', '--time_budget=60'], 'but time_budget=60 may stop the run before it'),
     (['--init_from=resume'], 'init_from=resume but there is no'),
+    (['--text_window=4'], 'text_window=4, want 0 (off) or an odd number of words'),
+    (['--v_clip=0'], 'v_clip=0, want 0 < v_clip <= 1'),
+    (['--muon_ns_dtype=fp16'], "muon_ns_dtype='fp16', want one of ('default', 'auto', 'float32', 'bfloat16')"),
 ])
 def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
     err = refused(tmp_path / 'run', *args)
