@@ -205,6 +205,12 @@ def shape_confusion(results, captions, groups):
     return out
 
 
+def full_report(images, captions, groups):
+    """score()'s report and shape_confusion's 'shapes', from one scoring of each image: what eval.py writes."""
+    results = [score_image(img, c) for img, c in zip(images, captions, strict=True)]
+    return {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
+
+
 def load_dir(samples_dir):
     """(images, captions) from the 00000.png + 00000.txt pairs of a folder, in order (grid.png and the like are skipped)."""
     stems = sorted((f[:-4] for f in os.listdir(samples_dir) if f.endswith('.png') and f[:-4].isdigit()), key=int)
@@ -266,9 +272,7 @@ if __name__ == '__main__':
         if not images:
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
         try:
-            groups = [caption_group(c) for c in captions]
-            results = [score_image(img, c) for img, c in zip(images, captions)]   # once, for both reports
-            report = {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
+            report = full_report(images, captions, [caption_group(c) for c in captions])
         except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
             if not fd_ref:
                 raise
@@ -290,9 +294,7 @@ if __name__ == '__main__':
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
                       sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
-        groups = [g for _, g in prompts]
-        results = [score_image(img, c) for img, c in zip(images, captions)]
-        report = {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
+        report = full_report(images, captions, [g for _, g in prompts])
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')

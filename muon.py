@@ -49,23 +49,23 @@ def ns_dtype(device):
 
 
 def fastest_ns_dtype(shapes, steps, device, reps=5):
-    """float32 or bfloat16, whichever runs Newton-Schulz faster here on stacks of these (count, rows, cols).
+    """'float32' or 'bfloat16', whichever runs Newton-Schulz faster here on stacks of these (count, rows, cols).
     A GPU is always bfloat16. A CPU differs by model: the shapes default's Muon step took 0.6x the time in bfloat16
     on a 2-core AMD EPYC with AVX-512 bf16 instructions, and an earlier session measured the train step 1.2x slower
     in bfloat16 on its CPU (README), so it is timed: a warm-up and the best of `reps` runs each, about a
     second at start-up (1.2 s on the AMD EPYC above, most of it the first bfloat16 call)."""
     if device.type == 'cuda':
-        return torch.bfloat16
+        return 'bfloat16'
     stacks = [torch.randn(*s, device=device) for s in shapes]
     best = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for name, dtype in NS_DTYPES.items():
         times = []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
             for G in stacks:
                 zeropower_via_newtonschulz5(G, steps, dtype=dtype)
             times.append(time.perf_counter() - t0)
-        best[dtype] = min(times[1:])
+        best[name] = min(times[1:])
     return min(best, key=best.get)
 
 
@@ -109,7 +109,7 @@ class Muon(torch.optim.Optimizer):
         ps = [p for g in self.param_groups for p in g['params']]
         if ns_dtype == 'auto' and ps:
             counts = collections.Counter(tuple(p.shape) for p in ps)
-            ns_dtype = str(fastest_ns_dtype([(k, *s) for s, k in counts.items()], ns_steps, ps[0].device))[6:]
+            ns_dtype = fastest_ns_dtype([(k, *s) for s, k in counts.items()], ns_steps, ps[0].device)
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             if distributed and ps[0].device.type != 'cuda':
                 # every rank must gather its share in one dtype: rank 0's timing decides for all (a CPU tensor: gloo)

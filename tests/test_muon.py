@@ -196,7 +196,7 @@ def _dist_worker(rank, world, init_file, out_dir):
         # identical params and grads on every rank, as DDP leaves them
         params = _run_steps(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1), DIST_SHAPES, steps=2)
         # 'auto' on two ranks whose timings disagree: rank 0's choice must hold on both
-        muon.fastest_ns_dtype = lambda *a, **k: (torch.float32, torch.bfloat16)[rank]
+        muon.fastest_ns_dtype = lambda *a, **k: ('float32', 'bfloat16')[rank]
         auto = Muon([torch.nn.Parameter(torch.randn(s)) for s in DIST_SHAPES], ns_dtype='auto')
         torch.save((params, auto.param_groups[0]['ns_dtype']), os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()  # teardown together: gloo aborts a rank whose peer is still busy (flaky SIGABRT)
