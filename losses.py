@@ -32,21 +32,44 @@ def drop_captions(captions, p, gen):
     return ['' if d else c for c, d in zip(captions, drop.tolist())]
 
 
+def edge_map(x):
+    """(B, 1, H, W) in [0, 1]: how near each pixel is to an edge of the clean image x in [-1, 1], the largest
+    neighbour difference of any channel within one pixel, halved (a full black-white step is 2)."""
+    dh = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True)
+    dw = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True)
+    g = torch.maximum(F.pad(dh, (0, 0, 0, 1)), F.pad(dh, (0, 0, 1, 0)))
+    g = torch.maximum(g, torch.maximum(F.pad(dw, (0, 1)), F.pad(dw, (1, 0))))
+    return (F.max_pool2d(g, 3, stride=1, padding=1) / 2).clamp(max=1)
+
+
+def pixel_mean(err, x, t, edge_weight):
+    """The mean of the per-pixel errors err (B, C, H, W), or with edge_weight > 0 their weighted mean, a pixel at an
+    edge of the clean image weighing up to 1 + edge_weight * t. Why: an object's shape is its outline, 4% of the
+    shapes set's pixels, so in the plain mean it is a small part of the loss, and its small shapes were drawn as
+    blobs; with the weight (48, the shapes default) the default scored 79.5% against 59.0% (README, "Edges").
+    Times t: at pure noise an outline cannot be known, and a weight there would pull the prediction (a weighted
+    posterior mean) toward outlines everywhere."""
+    if edge_weight == 0:
+        return err.mean()
+    w = 1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x)
+    return (err * w).sum() / (w.sum() * err.shape[1])
+
+
 V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly clean end does not blow up
 
 
-def velocity_loss(x_pred, x, z, t, clip=V_CLIP):
+def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0):
     # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on x. The shapes default clips at 0.2 (at most
     # 25, not 400): with half of t uniform, t > 0.8 carried 55% of the loss at 0.05, and there the x error is the noise
     # that pred='skip' lets through, which the network does not cancel (README, "The loss weight")
     d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
-    return F.mse_loss((x_pred.float() - z) / d, (x - z) / d)
+    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight)
 
 
-def x_loss(x_pred, x):
+def x_loss(x_pred, x, t=None, edge_weight=0.0):
     # the velocity loss times (1 - t)^2: every noise level weighs the same in x, so the nearly clean samples (weight
     # up to 400 in v) no longer drown the high-noise ones, the only ones that must read the caption
-    return F.mse_loss(x_pred.float(), x)
+    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight)
 
 
 @dataclass
@@ -60,6 +83,7 @@ class LossConfig:
     noise_scale: float = 1.0
     loss_target: str = 'v'
     v_clip: float = V_CLIP
+    edge_weight: float = 0.0
     route_ratio: float = 0.0     # > 0: draw TREAD's route (the model's own route_ratio decides how many tokens)
     lpips_weight: float = 0.0
     dino_weight: float = 0.0
@@ -85,7 +109,8 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net
     route = (torch.rand(B, (x.shape[-2] // p) * (x.shape[-1] // p), generator=gen, device=x.device)
              if cfg.route_ratio > 0 else None)
     x_pred, repa = model(z, t, text, text_mask, route=route)
-    loss = velocity_loss(x_pred, x, z, t, cfg.v_clip) if cfg.loss_target == 'v' else x_loss(x_pred, x)
+    loss = (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
+            else x_loss(x_pred, x, t, cfg.edge_weight))
     parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
     # perceptual losses compare the predicted clean image with the clean image, at every noise level
     if cfg.lpips_weight > 0:

@@ -73,6 +73,7 @@ noise_scale = 1.0         # JiT: res / 256 at high resolution
 loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at v_clip); 'x': MSE on the clean image (losses.py)
 v_clip = 0.2              # 'v' loss: 1 - t is clipped here where it divides, so a nearly clean sample weighs at
                           # most 1 / v_clip^2 (JiT and the speedrun: 0.05; README: the shapes set gains at 0.2)
+edge_weight = 0.0         # 'v' loss: pixels at the clean image's edges weigh up to 1 + edge_weight * t (losses.py)
 pred = 'skip'             # 'x' (JiT, the speedrun's), 'v' (velocity) or 'skip': x plus EDM's skip from z_t (model.py)
 # TREAD token routing (model.py)
 route_ratio = 0.0
@@ -149,6 +150,8 @@ def config_errors():
     if cooldown_iters and time_budget > 0:
         errors.append(f'cooldown_iters={cooldown_iters} counts back from max_iters={max_iters}, but time_budget='
                       f'{time_budget} may stop the run before it: set --time_budget=0 with a cooldown')
+    if edge_weight < 0:
+        errors.append(f'edge_weight={edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
     if not 0 < v_clip <= 1:
         errors.append(f'v_clip={v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity loss divides by)')
     if text_window < 0 or (text_window and text_window % 2 == 0):

@@ -40,6 +40,7 @@ noise_scale = 1.0
 pred = 'x'                # JiT: the network predicts the clean image, the loss is on velocity
 loss_target = 'v'
 v_clip = 0.05             # JiT: 1 - t clipped at 0.05 in the velocity loss
+edge_weight = 0.0         # every pixel weighs the same (LPIPS and DINOv2 look after structure here)
 # TREAD: 50% of image tokens skip from block 2 to the penultimate block
 route_ratio = 0.5
 route_start = 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (shift_t, sample_t, drop_captions, velocity_loss, load_lpips, lpips_loss, load_dino, dino_loss,
+from losses import (shift_t, sample_t, drop_captions, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
                     load_repa_teacher, repa_loss)
 
 # Random-weight nets with tiny dims: no downloads, and fast on two CPU cores.
@@ -31,6 +31,41 @@ def test_velocity_loss_is_clipped_velocity_mse():
     # v_clip: a weight of at most 1 / clip^2 on the x error; 1 - 0.7 = 0.3 is above a clip of 0.2, 0.01 below it
     err = ((x_pred - x) ** 2).mean((1, 2, 3))
     torch.testing.assert_close(velocity_loss(x_pred, x, z, t, clip=0.2), (err / torch.tensor([0.7, 0.2]) ** 2).mean())
+
+
+def test_edge_map_marks_outlines_only():
+    x = -torch.ones(1, 3, 16, 16)
+    x[:, 0, 4:10, 5:11] = 1                          # a red square on black: a full step of 2 in one channel
+    g = edge_map(x)
+    assert g.shape == (1, 1, 16, 16)
+    assert g[0, 0, 0, 0] == 0 and g[0, 0, 7, 8] == 0  # far background and the square's inside are flat
+    assert g[0, 0, 4, 7] == 1 and g[0, 0, 3, 7] == 1  # its border row, and one pixel out
+    assert g[0, 0, 1, 7] == 0                         # two pixels out is flat again
+    assert edge_map(torch.zeros(1, 3, 8, 8)).sum() == 0
+
+
+def test_edge_weight_weighs_outline_errors_by_t():
+    x = -torch.ones(2, 3, 16, 16)
+    x[:, 0, 4:10, 5:11] = 1
+    z = torch.zeros_like(x)
+    t = torch.tensor([0.0, 0.5])
+    on_edge, flat = x.clone(), x.clone()
+    on_edge[:, :, 4, 7] += 0.1                        # the same error on the outline, or on flat background
+    flat[:, :, 14, 1] += 0.1
+    for pred in (on_edge, flat):                      # off: the plain velocity MSE
+        torch.testing.assert_close(velocity_loss(pred, x, z, t, clip=0.2, edge_weight=0.0), velocity_loss(pred, x, z, t, 0.2))
+    # at t = 0 (pure noise) the weight is 1 everywhere: both errors cost the same
+    one = lambda pred, w: velocity_loss(pred[:1], x[:1], z[:1], t[:1], 0.2, edge_weight=w)
+    torch.testing.assert_close(one(on_edge, 16.0), one(flat, 16.0))
+    torch.testing.assert_close(one(on_edge, 16.0), one(on_edge, 0.0))
+    # at t = 0.5 an outline pixel weighs 1 + 16 * 0.5 = 9 times a flat one, and the loss is a weighted mean
+    half = lambda pred: velocity_loss(pred[1:], x[1:], z[1:], t[1:], 0.2, edge_weight=16.0)
+    torch.testing.assert_close(half(on_edge) / half(flat), torch.tensor(9.0))
+    xl = lambda pred: x_loss(pred[1:], x[1:], t[1:], edge_weight=16.0)   # the x loss weighs them the same way
+    torch.testing.assert_close(xl(on_edge) / xl(flat), torch.tensor(9.0))
+    torch.testing.assert_close(x_loss(flat, x), ((flat - x) ** 2).mean())
+    w = 1 + 8 * edge_map(x[1:])
+    torch.testing.assert_close(half(flat), 3 * 0.1 ** 2 / 0.5 ** 2 / (3 * w.sum()))
 
 
 def test_shift_t():

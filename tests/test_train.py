@@ -168,6 +168,7 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--init_from=resume'], 'init_from=resume but there is no'),
     (['--text_window=4'], 'text_window=4, want 0 (off) or an odd number of words'),
     (['--v_clip=0'], 'v_clip=0, want 0 < v_clip <= 1'),
+    (['--edge_weight=-1.0'], 'edge_weight=-1.0, want >= 0'),
     (['--muon_ns_dtype=fp16'], "muon_ns_dtype='fp16', want one of ('default', 'auto', 'float32', 'bfloat16')"),
 ])
 def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
