@@ -30,6 +30,7 @@ text_encoder = 'google/t5gemma-2b-2b-ul2'
 text_len = 256
 caption_dropout = 0.1
 text_pool = False         # the speedrun conditions adaLN on the timestep only
+text_window = 0           # (the bytes encoder's word window; T5Gemma's states are already in context)
 # time sampling: sigmoid(N(0, 1)), shifted 3x toward noise, 10% uniform. The shift plays the role of
 # JiT's noise_scale at high resolution, so the noise stays unit
 t_mean = 0.0

@@ -42,7 +42,7 @@ def test_speedrun_says_the_recipe():
     assert list(c['data'].values()) == [1.7, 6.0, 1.0] and c['grad_clip'] == 0.2
     assert c['text_pool'] is False and c['pred'] == 'x' and c['loss_target'] == 'v'   # not the shapes default's
     assert c['v_clip'] == 0.05   # JiT's; the shapes default clips at 0.2
-    assert c['edge_weight'] == 0.0   # the shapes default weighs outlines up
+    assert c['edge_weight'] == 0.0 and c['text_window'] == 0   # the shapes default weighs outlines up, words in context
     assert c['time_budget'] == 0   # the shapes default stops on the clock; the speedrun runs its steps
     s2 = {**c, **load('speedrun_1024.py')}
     assert (s2['image_size'], s2['batch_size'], s2['max_iters'] - c['max_iters'], s2['repa_weight']) == (1024, 512, 20_000, 0.0)
