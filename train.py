@@ -75,7 +75,8 @@ loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at v_clip); 'x
 v_clip = 0.2              # 'v' loss: 1 - t is clipped here where it divides, so a nearly clean sample weighs at
                           # most 1 / v_clip^2 (JiT and the speedrun: 0.05; README: the shapes set gains at 0.2)
 edge_weight = 96.0        # pixels at the clean image's edges weigh up to 1 + edge_weight * t in the loss (losses.py;
-                          # README, "Edges": 59.0% -> 75.0% at 16, 79.5% at 48; 0 = off, the speedrun's)
+                          # README, "Edges": 59.0% -> 75.0% at 16, 79.5% at 48, 87.5% at 96 with text_window=5;
+                          # 0 = off, the speedrun's)
 pred = 'skip'             # 'x' (JiT, the speedrun's), 'v' (velocity) or 'skip': x plus EDM's skip from z_t (model.py)
 # TREAD token routing (model.py)
 route_ratio = 0.0
