@@ -37,7 +37,8 @@ import time
 import torch
 import torch.nn as nn
 
-from data import Mixture, StepBatches, shard_paths, to_model_images, tokenize_bytes
+from data import Mixture, StepBatches, shard_paths, to_model_images
+from text import tokenize_bytes
 from losses import LossConfig, diffusion_loss, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
 from muon import Muon
@@ -223,9 +224,8 @@ def run(variant, nets, data, spans):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cfg = LossConfig(patch_size=patch_size, t_mean=0.0, t_std=1.0, t_shift=3.0,
-                     route_ratio=route_ratio if 'tread' in on else 0.0,
-                     **{k: w for trick, kw in WEIGHTS.items() if trick in on for k, w in kw.items()})
+    cfg = LossConfig(**{**dict(lpips_weight=0.0, dino_weight=0.0, repa_weight=0.0),   # the speedrun's t and v loss
+                        **{k: w for trick, kw in WEIGHTS.items() if trick in on for k, w in kw.items()}})
     gen = torch.Generator(device).manual_seed(0)
     marks = []
     t_start = time.perf_counter()
@@ -239,7 +239,8 @@ def run(variant, nets, data, spans):
         x = to_model_images(u8)
         m1 = mark()
         with autocast:
-            loss, _ = diffusion_loss(model, x, text, mask, gen, cfg, lpips_net, dino_net, teacher)
+            loss, _ = diffusion_loss(model, x, text, mask, gen, cfg, patch_size, tread='tread' in on,
+                                     lpips_net=lpips_net, dino_net=dino_net, repa_teacher=teacher)
         m2 = mark()
         loss.backward()
         m3 = mark()

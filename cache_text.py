@@ -1,6 +1,6 @@
 """
 Encode every caption of the configured data once with the frozen Hugging Face text encoder, into the cache that
-train.py reads (its text_cache key; README, "The text-embedding cache"):
+train.py reads (its text_cache key; docs/data.md, "The text-embedding cache"):
 
     python cache_text.py config/speedrun.py --text_cache=/data/t5gemma-cache     # run it again to resume
 
@@ -14,7 +14,8 @@ import time
 import numpy as np
 import torch
 
-from data import BadSample, FileSource, HFTextEncoder, cache_shard, caption_hash
+from data import BadSample, FileSource
+from text import HFTextEncoder, cache_shard, caption_hash
 
 # -----------------------------------------------------------------------------
 # train.py's keys, read from the same config files (the others there are skipped)

@@ -1,5 +1,6 @@
 """
-Data: the shapes set (docs/shapes.md), text encoders and the text-embedding cache, folder and tar-shard sources, loaders.
+Data: folders and tar shards of captioned images, indexed once and read by offset; a weighted mixture of them (or
+the built-in shapes set, shapes.py); the loader that cuts each step's global batch over processes.
 """
 import glob
 import hashlib
@@ -14,215 +15,9 @@ import tarfile
 
 import numpy as np
 import torch
-import torch.nn as nn
-from PIL import Image, ImageDraw
+from PIL import Image
 
-# ---- the shapes set (docs/shapes.md) ----
-# A procedural caption/image set, deterministic by (seed, index). Its captions
-# have exactly checkable meaning: eval.py scores generated images against them.
-
-BACKGROUNDS = {'black': (0, 0, 0), 'gray': (128, 128, 128), 'white': (255, 255, 255)}
-COLORS = {'red': (220, 30, 30), 'green': (30, 190, 50), 'blue': (40, 70, 230),
-          'yellow': (240, 215, 30), 'purple': (160, 50, 210), 'cyan': (30, 205, 215)}
-SHAPES = ('circle', 'square', 'triangle')
-SIZES = {'small': 0.16, 'large': 0.26}  # bounding-box side, fraction of R
-WHERE = ('in the top left', 'at the top', 'in the top right',
-         'on the left', 'in the center', 'on the right',
-         'in the bottom left', 'at the bottom', 'in the bottom right')
-HELD_OUT = {('purple', 'triangle'), ('cyan', 'circle'), ('yellow', 'square')}  # never in the train split
-
-
-def sample_scene(rng, split='train', n_objects=None):
-    """A random scene from rng (a random.Random). split: 'train' (no held-out pair),
-    'held_out' (at least one held-out pair) or 'any'. n_objects: 1, 2 or None (half each)."""
-    assert split in ('train', 'held_out', 'any'), f'unknown split {split!r}'
-    background = rng.choice(list(BACKGROUNDS))
-    n = n_objects or rng.choice((1, 2))
-    while True:  # rejection keeps every allowed scene equally likely, with n fixed so one/two stays half/half
-        colors = rng.sample(list(COLORS), n)  # two objects never share a colour
-        cells = rng.sample(range(9), n)
-        objects = [dict(shape=rng.choice(SHAPES), color=color, size=rng.choice(list(SIZES)), cell=cell)
-                   for color, cell in zip(colors, cells)]
-        held = [(o['color'], o['shape']) in HELD_OUT for o in objects]
-        if split == 'any' or (split == 'train' and not any(held)) or (split == 'held_out' and any(held)):
-            break
-    for o in objects:
-        o['side'] = SIZES[o['size']] * rng.uniform(0.95, 1.05)
-        o['dx'], o['dy'] = rng.uniform(-0.02, 0.02), rng.uniform(-0.02, 0.02)
-    objects.sort(key=lambda o: (o['cell'] % 3, o['cell'] // 3))  # A is the left one, or the upper one in a column
-    return {'background': background, 'objects': objects}
-
-
-def caption(scene):
-    names = [f"a {o['size']} {o['color']} {o['shape']}" for o in scene['objects']]
-    if len(names) == 1:
-        where = WHERE[scene['objects'][0]['cell']]
-    else:
-        a, b = scene['objects']
-        where = ('to the left of ' if a['cell'] % 3 != b['cell'] % 3 else 'above ') + names[1]
-    return f"{names[0]} {where} on a {scene['background']} background"
-
-
-def render(scene, R):
-    """The scene as a uint8 (R, R, 3) image: drawn at 4x, box-downsampled for anti-aliased edges."""
-    S = 4 * R
-    img = Image.new('RGB', (S, S), BACKGROUNDS[scene['background']])
-    draw = ImageDraw.Draw(img)
-    for o in scene['objects']:
-        cx = ((o['cell'] % 3 + 0.5) / 3 + o['dx']) * S
-        cy = ((o['cell'] // 3 + 0.5) / 3 + o['dy']) * S
-        half = o['side'] * S / 2
-        # PIL boxes are inclusive pixel indices: the area [x0, x1) is pixels x0 .. x1-1
-        x0, y0, x1, y1 = round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1
-        color = COLORS[o['color']]
-        if o['shape'] == 'circle':
-            draw.ellipse((x0, y0, x1, y1), fill=color)
-        elif o['shape'] == 'square':
-            draw.rectangle((x0, y0, x1, y1), fill=color)
-        else:  # isosceles, apex up, base = height = side
-            draw.polygon(((x0 + x1) / 2, y0, x1, y1, x0, y1), fill=color)
-    return np.asarray(img.reduce(4))  # reduce = box filter
-
-
-def shapes_example(seed, index, R, split='train'):
-    """(uint8 image (R, R, 3), caption) of example `index` of the set seeded by `seed`."""
-    scene = sample_scene(random.Random(seed * 1_000_003 + index), split)
-    return render(scene, R), caption(scene)
-
-
-def eval_scenes(n=200, seed=12345):
-    """n deterministic (scene, group) evaluation scenes: 40% 'one' and 40% 'two' object scenes of training pairs,
-    20% 'held_out' ones (one or two objects)."""
-    rng = random.Random(f'eval prompts {seed}')  # a str seed: a stream no integer training seed reaches
-    scenes = []
-    for i in range(n):
-        group = ('one', 'two', 'one', 'two', 'held_out')[i % 5]  # interleaved: any prefix keeps the mix
-        split, n_objects = {'one': ('train', 1), 'two': ('train', 2), 'held_out': ('held_out', None)}[group]
-        scenes.append((sample_scene(rng, split, n_objects), group))
-    return scenes
-
-
-def eval_prompts(n=200, seed=12345):
-    """The (caption, group) of each evaluation scene."""
-    return [(caption(scene), group) for scene, group in eval_scenes(n, seed)]
-
-
-# ---- text encoders ----
-# Both turn a list of captions into (text, mask): mask (B, L) bool, True = real token.
-# 'bytes' returns byte ids, embedded by the small trainable ByteTextEncoder that lives inside the model (model.py,
-# so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
-
-BOS = 256  # every byte caption starts with it, so even the empty caption has one real token to attend to
-
-
-def tokenize_bytes(captions, max_len):
-    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model never
-    recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no keys)."""
-    rows = [[BOS] + list(c.encode('utf-8'))[:max_len - 1] for c in captions]
-    ids = torch.zeros(len(rows), max_len, dtype=torch.long)
-    mask = torch.zeros(len(rows), max_len, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = True
-    return ids, mask
-
-
-def to_device(t, device):
-    """A host tensor on `device`; on a GPU pinned and non-blocking: a copy from pageable memory waits for the GPU."""
-    if torch.device(device).type != 'cuda':
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-class HFTextEncoder(nn.Module):
-    """Any Hugging Face encoder by name (the speedrun: T5Gemma's encoder, 256 tokens), frozen, with its padding mask.
-    `model`/`tokenizer` objects may be passed instead of downloading (tests build tiny random ones)."""
-
-    def __init__(self, name, max_len, device='cpu', dtype=torch.float32, model=None, tokenizer=None):
-        super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-        self.max_len = max_len
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
-        model = model if model is not None else AutoModel.from_pretrained(name, dtype=dtype)
-        self.encoder = (model.get_encoder() if hasattr(model, 'get_encoder') else model).to(device, dtype)
-        self.encoder.requires_grad_(False).eval()
-        self.dim = self([''])[0].shape[-1]
-
-    def train(self, mode=True):  # frozen: stays in eval mode whatever the caller does
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, captions):
-        tok = self.tokenizer(captions, padding='max_length', max_length=self.max_len, truncation=True, return_tensors='pt')
-        device = next(self.encoder.parameters()).device
-        ids, mask = to_device(tok['input_ids'], device), to_device(tok['attention_mask'], device).bool()
-        return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
-
-
-def load_text_encoder(name, max_len, device='cpu', dtype=torch.float32, pretrained=True, cache=''):
-    """Returns encode(captions) -> (text, mask) on `device`: byte ids for 'bytes', frozen states otherwise, read from
-    cache_text.py's `cache` folder where it exists."""
-    if name == 'bytes':
-        return lambda captions: tuple(to_device(a, device) for a in tokenize_bytes(captions, max_len))
-    if cache and os.path.isfile(os.path.join(cache, 'meta.json')):
-        return TextCache(cache, max_len, device, dtype, lambda: HFTextEncoder(name, max_len, device, dtype))
-    return HFTextEncoder(name, max_len, device, dtype)
-
-
-# The text-embedding cache (cache_text.py writes it): each caption's frozen states, bf16, its real tokens only, in
-# shards chosen by the caption's hash. Shard p holds p.keys.npy (sorted 64-bit caption hashes), p.offsets.npy (the
-# first row of each caption, and the end) and p.bin (the rows, bf16 as uint16, `dim` wide); keys.npy is written last,
-# so a shard without it is unfinished and its captions are encoded on the fly.
-
-def caption_hash(caption):
-    return int.from_bytes(hashlib.sha1(caption.encode('utf-8')).digest()[:8], 'little')
-
-
-def cache_shard(path, p):
-    return os.path.join(path, f'{p:05d}')
-
-
-class TextCache:
-    """encode(captions) -> (text (B, max_len, dim), mask) like HFTextEncoder's, read from the cache; captions missing
-    from it go to fallback(), an encoder built on the first miss (a complete cache never loads the encoder)."""
-
-    def __init__(self, path, max_len, device, dtype, fallback):
-        meta = json.load(open(os.path.join(path, 'meta.json')))
-        self.path, self.max_len, self.device, self.dtype = path, max_len, device, dtype
-        self.dim, self.n_shards = meta['dim'], meta['n_shards']
-        self.shards, self.fallback, self.encoder = {}, fallback, None
-
-    def lookup(self, caption):
-        """The caption's (tokens, dim) bf16 states, or None."""
-        h = caption_hash(caption)
-        p = h % self.n_shards
-        if p not in self.shards:
-            base = cache_shard(self.path, p)
-            done = os.path.isfile(base + '.keys.npy')
-            self.shards[p] = (np.load(base + '.keys.npy', mmap_mode='r'), np.load(base + '.offsets.npy', mmap_mode='r'),
-                              np.memmap(base + '.bin', np.uint16, 'r').reshape(-1, self.dim)) if done else None
-        if self.shards[p] is None:
-            return None
-        keys, offsets, rows = self.shards[p]
-        t = int(np.searchsorted(keys, np.uint64(h)))
-        if t == len(keys) or keys[t] != h:
-            return None
-        return torch.from_numpy(np.array(rows[offsets[t]:offsets[t + 1]])).view(torch.bfloat16)
-
-    def __call__(self, captions):
-        found = [self.lookup(c) for c in captions]
-        missing = [i for i, f in enumerate(found) if f is None]
-        if missing:
-            self.encoder = self.encoder or self.fallback()
-            states, mask = self.encoder([captions[i] for i in missing])
-            for i, s, m in zip(missing, states, mask):
-                found[i] = s[m]
-        text = torch.zeros(len(captions), self.max_len, self.dim, dtype=self.dtype)
-        mask = torch.zeros(len(captions), self.max_len, dtype=torch.bool)
-        for i, f in enumerate(found):   # padded to max_len like the encoder's own output: static shapes for compile
-            text[i, :len(f)], mask[i, :len(f)] = f.to(self.dtype), True
-        return text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-
+from shapes import ShapesSource
 
 # ---- data sources ----
 # A `data` key is 'shapes', a folder, or tar shards (a glob or a brace range, 'data/{00000..00127}.tar'). Folders and
@@ -417,16 +212,6 @@ def read_caption(data, is_json):
     return text.strip()
 
 
-class ShapesSource:
-    """The shapes set as an endless indexable source: index -> (uint8 HWC image, caption)."""
-
-    def __init__(self, size, seed):
-        self.size, self.seed = size, seed
-
-    def __getitem__(self, i):
-        return shapes_example(self.seed, i, self.size)
-
-
 class FileSource:
     """A folder or a tar shard set, read by offset through its index: j -> (uint8 image, caption) or BadSample."""
 
@@ -508,6 +293,20 @@ class Mixture:
     n % N of epoch n // N's permutation: every sample once per epoch, a fresh order each epoch. A bad sample is
     counted and replaced by the next position of the same permutation; a source with more than max_bad_fraction bad
     reads (once a worker has read min(its size, 10000)) stops the run."""
+
+    @staticmethod
+    def config_errors(data, max_bad_fraction=1.0):
+        """What is wrong with a `data` config before anything is read: every source must exist, every weight > 0."""
+        if not isinstance(data, dict) or not data:
+            return [f"data={data!r}, want {{'shapes': 1.0}} or {{folder or shards: weight, ...}}"]
+        errors = [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a {{00000..00127}} '
+                  f"range, or the built-in 'shapes')" for k in data if k != 'shapes' and not os.path.isdir(k)
+                  and not (shard_paths(k) and all(os.path.isfile(p) for p in shard_paths(k)))]
+        errors += [f'data weight {k!r}: {w!r}, want a number > 0' for k, w in data.items()
+                   if not isinstance(w, (int, float)) or w <= 0]
+        if not 0 <= max_bad_fraction <= 1:
+            errors.append(f'max_bad_fraction={max_bad_fraction}, want a fraction in [0, 1]')
+        return errors
 
     def __init__(self, data, size, seed, min_size=0, random_crop=False, hflip=False, max_bad_fraction=1.0):
         if not data:

@@ -1,7 +1,7 @@
 """
-Prompt adherence on the shapes set, scored exactly as "Scoring" in
-docs/shapes.md says (a small GenEval): does each object of the caption
-appear with its colour, shape, size and place?
+Evaluation: prompt adherence on the shapes set (shapes.py's exact scorer, "Scoring" in docs/shapes.md: does each
+object of the caption appear with its colour, shape, size and place?), FD_DINOv2 for real data, and the learning
+curve that train.py logs.
 
     python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
     python eval.py --out_dir=out --n=200     # sample the evaluation prompts from out/ckpt.pt, then score
@@ -10,22 +10,20 @@ appear with its colour, shape, size and place?
 
 FD_DINOv2 (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics"): the Frechet distance
 between Gaussians fitted to DINOv2 features of the generated and of the reference images, FID with DINOv2 in
-place of Inception. For real data; the shapes set has its exact scorer above.
+place of Inception. For real data; the shapes set has its exact scorer.
 """
 import json
 import os
-import re
 import sys
-from collections import deque
 
 import numpy as np
 from PIL import Image
 
-import data
+from shapes import caption_group, eval_prompts, eval_scenes, full_report, render, score
 
 samples_dir = ''  # score the image/caption pairs in this folder
 out_dir = ''  # or sample from the checkpoint in this folder (or a .safetensors file from export.py), then score
-n = 200  # number of evaluation prompts when sampling (data.eval_prompts: 40% one, 40% two, 20% held-out)
+n = 200  # number of evaluation prompts when sampling (shapes.eval_prompts: 40% one, 40% two, 20% held-out)
 seed = 0
 # sampling settings when --out_dir is given (see sample.py)
 num_steps = 50
@@ -33,7 +31,7 @@ cfg_scale = 4.0
 sg_scale = 1.0
 shift = 0.0  # the sampler's time shift; 0 = the training run's t_shift
 from_t = 0.0  # > 0: sample each prompt from its real image noised to this t, not from pure noise: a check of the
-              # denoiser alone (does it keep a shape it is shown?), README "The measured path"
+              # denoiser alone (does it keep a shape it is shown?), docs/experiments.md
 use_ema = True
 batch_size = 100
 fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv2 of the samples against them
@@ -42,173 +40,25 @@ fd_pretrained = True  # False: random weights (tests, no download)
 device = ''  # default: cuda if available, else cpu
 dtype = ''   # default: bfloat16 on cuda, else float32
 
-# A pixel further than this (Euclidean RGB) from the background and all six colours is an
-# edge, ignored. 60 is about half the smallest gap between palette entries (117.6, gray to
-# purple), so a pixel within it is unambiguous, and well below the closest that an
-# anti-aliased edge (a blend of background and one colour) comes to a third colour (95.5),
-# so edges are never read as another colour.
-_FAR = 60.0
-RATES = ('correct', 'background', 'color', 'shape', 'size', 'position')  # what score() reports per group
-_RELATIONS = {'to the left of': 'left', 'to the right of': 'right', 'above': 'above', 'below': 'below'}
-_OBJECT = rf"a ({'|'.join(data.SIZES)}) ({'|'.join(data.COLORS)}) ({'|'.join(data.SHAPES)})"
-_BACKGROUND = rf" on a ({'|'.join(data.BACKGROUNDS)}) background"
-_ONE = re.compile(rf"{_OBJECT} ({'|'.join(data.WHERE)}){_BACKGROUND}")
-_TWO = re.compile(rf"{_OBJECT} ({'|'.join(_RELATIONS)}) {_OBJECT}{_BACKGROUND}")
 
-
-def parse_caption(caption):
-    """{'background', 'objects': [{'size', 'color', 'shape'}, ...], and 'cell' (one object) or 'relation' (two)}."""
-    text = ' '.join(caption.lower().split()).rstrip('.')  # forgive case, spacing and a full stop in hand-written prompts
-    if m := _ONE.fullmatch(text):
-        size, color, shape, where, background = m.groups()
-        return {'background': background, 'objects': [dict(size=size, color=color, shape=shape)],
-                'cell': data.WHERE.index(where)}
-    if m := _TWO.fullmatch(text):
-        g = m.groups()
-        if g[1] == g[5]:
-            raise ValueError(f'caption {caption!r}: two objects of one colour cannot be told apart by colour')
-        return {'background': g[7], 'objects': [dict(size=g[0], color=g[1], shape=g[2]),
-                                                dict(size=g[4], color=g[5], shape=g[6])],
-                'relation': _RELATIONS[g[3]]}
-    raise ValueError(f'caption {caption!r} is not in the shapes grammar (docs/shapes.md)')
-
-
-def caption_group(caption):
-    """'held_out' if an object is a held-out (colour, shape) pair, else 'one' or 'two' by count."""
-    objects = parse_caption(caption)['objects']
-    if any((o['color'], o['shape']) in data.HELD_OUT for o in objects):
-        return 'held_out'
-    return ('one', 'two')[len(objects) - 1]
-
-
-def largest_region(mask):
-    """The largest 4-connected region of a boolean mask, as a list of (y, x)."""
-    rows, (H, W) = mask.tolist(), mask.shape  # lists: per-pixel reads of numpy arrays are slow
-    seen = [[False] * W for _ in range(H)]
-    best = []
-    for y0, x0 in np.argwhere(mask).tolist():
-        if seen[y0][x0]:
-            continue
-        seen[y0][x0] = True
-        region, todo = [], deque([(y0, x0)])
-        while todo:
-            y, x = todo.popleft()
-            region.append((y, x))
-            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= v < H and 0 <= u < W and rows[v][u] and not seen[v][u]:
-                    seen[v][u] = True
-                    todo.append((v, u))
-        if len(region) > len(best):
-            best = region
-    return best
-
-
-def fitted_shape(region):
-    """The shape whose ideal mask, fitted to the region's bounding box, has the highest IoU with it."""
-    h, w = region.shape
-    y = (np.arange(h)[:, None] + 0.5) / h  # 0 at the top edge, 1 at the bottom
-    x = (np.arange(w)[None, :] + 0.5) / w * 2 - 1  # -1 at the left edge, 1 at the right
-    masks = {'circle': x ** 2 + (2 * y - 1) ** 2 <= 1,  # the inscribed ellipse
-             'square': np.ones((h, w), bool),  # the full box
-             'triangle': np.abs(x) <= y}  # apex up, base at the bottom
-    iou = {s: (region & m).sum() / (region | m).sum() for s, m in masks.items()}
-    return max(iou, key=iou.get)
-
-
-def score_image(img, caption):
-    """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every
-    object of the caption), 'background', and 'correct' (all five); and 'drawn', the fitted shape of each object of
-    the caption in order (None where no region of its colour was found), for shape_confusion."""
-    p = parse_caption(caption)
-    R = img.shape[0]
-    assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
-    palette = np.array([data.BACKGROUNDS[p['background']], *data.COLORS.values()], np.float32)
-    dist = np.linalg.norm(img[:, :, None, :].astype(np.float32) - palette, axis=-1)
-    label = np.where(dist.min(-1) <= _FAR, dist.argmin(-1), -1)  # 0 background, 1.. the colours, -1 ignored
-    checks = dict(color=True, shape=True, size=True, position=True)
-    centroids, drawn = [], []
-    for o in p['objects']:
-        region = largest_region(label == 1 + list(data.COLORS).index(o['color']))
-        side = data.SIZES[o['size']] * R
-        expected_area = side ** 2 * {'circle': np.pi / 4, 'square': 1.0, 'triangle': 0.5}[o['shape']]
-        if len(region) < 0.25 * expected_area:
-            # not found: its shape, size and place fail too (a speck must not pass for the object)
-            checks = dict.fromkeys(checks, False)
-            centroids.append(None)
-            drawn.append(None)
-            continue
-        ys, xs = np.array(region).T
-        y0, x0 = ys.min(), xs.min()
-        mask = np.zeros((ys.max() - y0 + 1, xs.max() - x0 + 1), bool)
-        mask[ys - y0, xs - x0] = True
-        drawn.append(fitted_shape(mask))
-        checks['shape'] &= drawn[-1] == o['shape']
-        mean_side = sum(mask.shape) / 2
-        small, large = data.SIZES['small'] * R, data.SIZES['large'] * R
-        checks['size'] &= (abs(mean_side - small) < abs(mean_side - large)) == (o['size'] == 'small')
-        centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))  # pixel centres
-    if None not in centroids:
-        if 'cell' in p:
-            (cx, cy), = centroids
-            checks['position'] &= int(cy * 3 // R) * 3 + int(cx * 3 // R) == p['cell']
-        else:
-            (ax, ay), (bx, by) = centroids
-            checks['position'] &= {'left': ax < bx, 'right': ax > bx, 'above': ay < by, 'below': ay > by}[p['relation']]
-    # background: the median pixel (per channel) is nearest to the named background; objects cover at most ~14%
-    # of the image, so the median is a background pixel whenever the background is right
-    median = np.median(img.reshape(-1, 3).astype(np.float32), axis=0)
-    nearest = min(data.BACKGROUNDS, key=lambda b: np.linalg.norm(median - np.array(data.BACKGROUNDS[b], np.float32)))
-    checks['background'] = nearest == p['background']
-    checks = {k: bool(v) for k, v in checks.items()}
-    return {**checks, 'correct': all(checks.values()), 'drawn': drawn}
-
-
-def score(images, captions, groups):
-    """Rates of correct images and of each check, per group ('one', 'two', 'held_out') and for 'all'."""
-    return rates([score_image(img, c) for img, c in zip(images, captions, strict=True)], groups)
-
-
-def rates(results, groups):
-    """score()'s report from score_image's results, one per image."""
-    results = list(zip(groups, results, strict=True))
-    report = {}
-    for group in ('one', 'two', 'held_out', 'all'):
-        rs = [r for g, r in results if group in (g, 'all')]
-        report[group] = {'n': len(rs), **{k: sum(r[k] for r in rs) / len(rs) if rs else None
-                                           for k in RATES}}
-    return report
-
-
-def shape_confusion(results, captions, groups):
-    """From score_image's results, per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks
-    for was drawn as each shape ('none': no region of its colour). Two-object groups also count, of the objects drawn
-    with a wrong shape whose partner asks for another shape, how many took the partner's ('partner': a binding leak;
-    chance is half), and per-object shape errors apart for pairs that ask for one shape twice and for two different
-    shapes ('pairs'): only the second must bind each shape word to its own object, so the gap is binding's cost."""
-    out = {}
-    for r, c, g in zip(results, captions, groups, strict=True):
-        asked, drawn = [o['shape'] for o in parse_caption(c)['objects']], r['drawn']
-        for group in (g, 'all'):
-            m = out.setdefault(group, {'drawn': {s: dict.fromkeys((*data.SHAPES, 'none'), 0) for s in data.SHAPES}})
-            for a, d in zip(asked, drawn):
-                m['drawn'][a][d or 'none'] += 1
-            if len(asked) == 2:
-                leak = m.setdefault('partner', {'wrong': 0, 'took_partner': 0})
-                for a, d, other in zip(asked, drawn, asked[::-1]):
-                    if d is not None and d != a and other != a:
-                        leak['wrong'] += 1
-                        leak['took_partner'] += d == other
-                pairs = m.setdefault('pairs', {k: {'objects': 0, 'wrong': 0} for k in ('same_shape', 'different')})
-                p = pairs['same_shape' if asked[0] == asked[1] else 'different']
-                p['objects'] += 2
-                p['wrong'] += sum(d != a for a, d in zip(asked, drawn))
-    return out
-
-
-def full_report(images, captions, groups):
-    """score()'s report and shape_confusion's 'shapes', from one scoring of each image: what eval.py writes."""
-    results = [score_image(img, c) for img, c in zip(images, captions, strict=True)]
-    return {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}
+def learning_curve(model, encode, n, size, steps, cfg_scale, shift, noise_scale, seed):
+    """train.py's learning-curve point: the shapes score of the first n evaluation prompts, sampled with `steps` Euler
+    steps from a fixed seed. Returns (log row, one printable line). The global RNG is left as it was, so training
+    goes on exactly as without it."""
+    import torch
+    from sample import generate, to_uint8
+    prompts = eval_prompts(n)
+    captions = [c for c, _ in prompts]
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        gen = torch.Generator(device).manual_seed(seed)
+        imgs = generate(model, encode, captions, size, steps, cfg_scale, 1.0, shift, noise_scale, gen)
+    report = score(to_uint8(imgs), captions, [g for _, g in prompts])
+    row = {'eval': {g: {k: round(v, 3) for k, v in r.items() if v is not None} for g, r in report.items()}}
+    line = (f"correct {report['all']['correct']:.0%} (one {report['one']['correct']:.0%}, two "
+            f"{report['two']['correct']:.0%}, held-out {report['held_out']['correct']:.0%}) | " +
+            ' '.join(f"{k} {report['all'][k]:.0%}" for k in ('background', 'color', 'shape', 'size', 'position')))
+    return row, line
 
 
 def load_dir(samples_dir):
@@ -285,12 +135,13 @@ if __name__ == '__main__':
         torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
         model, encode, cfg = load_model(out_dir, device, use_ema)
         cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
-        prompts = data.eval_prompts(n)
+        prompts = eval_prompts(n)
         eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
         starts = None
         if from_t:
-            starts = data.to_model_images(torch.from_numpy(np.stack([data.render(scene, cfg['image_size'])
-                                                                     for scene, _ in data.eval_scenes(n)])))
+            from data import to_model_images
+            starts = to_model_images(torch.from_numpy(np.stack([render(scene, cfg['image_size'])
+                                                                for scene, _ in eval_scenes(n)])))
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
                       sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)

@@ -20,7 +20,8 @@ if __name__ == '__main__':
     from configurator import configure
     configure(globals())
     from safetensors.torch import save_file
-    from sample import SAMPLE_CONFIG, checkpoint_of, load_checkpoint
+    from checkpoint import checkpoint_of, load_checkpoint
+    from sample import SAMPLE_CONFIG
     ckpt = load_checkpoint(checkpoint_of(out_dir))
     path = path or os.path.join(out_dir, 'model.safetensors')
     state = {k: v.contiguous() for k, v in ckpt['ema' if use_ema else 'model'].items()}

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import tread_draw
+
 
 def shift_t(t, shift):
     """SD3's resolution shift toward noise, written on the noise level s = 1 - t: s -> shift*s / (1 + (shift-1)*s)."""
@@ -44,10 +46,8 @@ def edge_map(x):
 
 def pixel_mean(err, x, t, edge_weight):
     """The mean of the per-pixel errors err (B, C, H, W), or with edge_weight > 0 their weighted mean, a pixel at an
-    edge of the clean image weighing up to 1 + edge_weight * t. Why: an object's shape is its outline, 4% of the
-    shapes set's pixels, so in the plain mean it is a small part of the loss, and its small shapes were drawn as
-    blobs; at 16 and 48 the default's run scored 75.0% and 79.5% against 59.0%, and 96 (the shapes default, with
-    text_window=5) 87.5% (README, "Edges").
+    edge of the clean image weighing up to 1 + edge_weight * t: an object's shape is its outline, 4% of the shapes
+    set's pixels, too small a part of the plain mean to draw small shapes (docs/experiments.md, "Edges").
     Times t: at pure noise an outline cannot be known, and a weight there would pull the prediction (a weighted
     posterior mean) toward outlines everywhere."""
     if edge_weight == 0:
@@ -60,9 +60,7 @@ V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly c
 
 
 def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0):
-    # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on x. The shapes default clips at 0.2 (at most
-    # 25, not 400): with half of t uniform, t > 0.8 carried 55% of the loss at 0.05, and there the x error is the noise
-    # that pred='skip' lets through, which the network does not cancel (README, "The loss weight")
+    # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on the x error
     d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
     return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight)
 
@@ -75,29 +73,41 @@ def x_loss(x_pred, x, t=None, edge_weight=0.0):
 
 @dataclass
 class LossConfig:
-    """The values diffusion_loss reads; train.py fills it from its config keys of the same names."""
-    patch_size: int = 8
-    t_mean: float = 0.0
+    """The objective at the speedrun recipe's values (docs/recipe.md); train.py's keys of the same names."""
+    t_mean: float = 0.0          # logit-normal t: sigmoid(N(t_mean, t_std)) (JiT: -0.8, 0.8)
     t_std: float = 1.0
-    t_shift: float = 1.0
-    t_uniform: float = 0.0
-    noise_scale: float = 1.0
-    loss_target: str = 'v'
-    v_clip: float = V_CLIP
-    edge_weight: float = 0.0
-    route_ratio: float = 0.0     # > 0: draw TREAD's route (the model's own route_ratio decides how many tokens)
-    lpips_weight: float = 0.0
-    dino_weight: float = 0.0
-    repa_weight: float = 0.0
+    t_shift: float = 3.0         # shift toward noise, also used by the sampler
+    t_uniform: float = 0.1       # fraction of t drawn uniformly
+    noise_scale: float = 1.0     # JiT: res / 256 at high resolution (the speedrun's t_shift does that job)
+    loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip); 'x': MSE on the clean image
+    v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
+    edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
+    lpips_weight: float = 0.1
+    dino_weight: float = 0.01
+    repa_weight: float = 0.5
+
+    def __post_init__(self):
+        errors = []
+        if self.loss_target not in ('v', 'x'):
+            errors.append(f"loss_target={self.loss_target!r}, want one of ('v', 'x')")
+        if not 0 < self.v_clip <= 1:
+            errors.append(f'v_clip={self.v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity loss '
+                          'divides by)')
+        if self.edge_weight < 0:
+            errors.append(f'edge_weight={self.edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
+        if errors:
+            raise ValueError('\n'.join(errors))
 
     @classmethod
     def from_config(cls, config):
         return cls(**{k: config[k] for k in cls.__dataclass_fields__})
 
 
-def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net=None, repa_teacher=None):
+def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None, dino_net=None,
+                   repa_teacher=None):
     """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws t,
     the noise and TREAD's route (seeded per micro-batch, so any split over processes sees the same draws).
+    patch_size: the model's, for REPA's token grid and TREAD's draw (tread: routing on).
     Returns (total loss, dict of the detached parts)."""
     B = x.shape[0]
     t = sample_t(B, gen, x.device, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
@@ -105,10 +115,8 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net
     noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
     tb = t.view(-1, 1, 1, 1)
     z = tb * x + (1 - tb) * noise
-    # TREAD's draw comes from the same generator, after t and the noise (free, and the streams unchanged, when off)
-    p = cfg.patch_size
-    route = (torch.rand(B, (x.shape[-2] // p) * (x.shape[-1] // p), generator=gen, device=x.device)
-             if cfg.route_ratio > 0 else None)
+    # TREAD's draw comes from the same generator, after t and the noise (when off, the streams stay as they are)
+    route = tread_draw(gen, B, (x.shape[-2] // patch_size) * (x.shape[-1] // patch_size)) if tread else None
     x_pred, repa = model(z, t, text, text_mask, route=route)
     loss = (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
             else x_loss(x_pred, x, t, cfg.edge_weight))
@@ -121,7 +129,7 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, lpips_net=None, dino_net
         l = dino_loss(dino_net, x_pred, x)
         loss, parts['dino'] = loss + cfg.dino_weight * l, l.detach()
     if cfg.repa_weight > 0:
-        l = repa_loss(repa_teacher, repa, x, cfg.patch_size)
+        l = repa_loss(repa_teacher, repa, x, patch_size)
         loss, parts['repa'] = loss + cfg.repa_weight * l, l.detach()
     parts['loss'] = loss.detach()
     return loss, parts

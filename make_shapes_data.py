@@ -4,7 +4,7 @@ Write n shapes-set images (docs/shapes.md) in the two on-disk layouts data.py re
     python make_shapes_data.py --n=2000      # data/shapes/folder/00000/00000000.png + .txt, data/shapes/{00000..00001}.tar
 
 The folder is grouped like the shards (one subfolder per shard), so both list their samples in the same order. Train
-from either: python train.py --data="{'data/shapes/{00000..00001}.tar': 1.0}" (README).
+from either: python train.py --data="{'data/shapes/{00000..00001}.tar': 1.0}" (docs/data.md).
 """
 import io
 import os
@@ -12,7 +12,7 @@ import tarfile
 
 from PIL import Image
 
-from data import shapes_example
+from shapes import shapes_example
 
 # -----------------------------------------------------------------------------
 n = 1000

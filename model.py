@@ -23,24 +23,48 @@ from muon import Muon
 
 @dataclass
 class DiTConfig:
-    patch_size: int = 8
-    bottleneck: int = 64        # JiT: a low-rank patch embedding (patch -> bottleneck -> hidden) keeps big patches cheap
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    """The model's shape, at the speedrun recipe's values (docs/recipe.md); train.py's keys of the same names."""
+    patch_size: int = 32
+    bottleneck: int = 256       # JiT: a low-rank patch embedding (patch -> bottleneck -> hidden) keeps big patches cheap
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
     mlp_ratio: float = 4.0      # SwiGLU hidden = mlp_ratio * 2/3 * n_embd, the usual parameter match
-    text_encoder: str = 'bytes'  # 'bytes': a small trainable byte transformer inside the model; else frozen states come in
-    text_dim: int = 128         # width of the text states that enter the model
-    text_len: int = 96          # max caption bytes (bytes encoder only)
-    text_layers: int = 0        # transformer layers over the bytes encoder's word tokens
+    text_encoder: str = 'google/t5gemma-2b-2b-ul2'   # 'bytes': the trainable ByteTextEncoder below; else frozen states
+    text_dim: int = 2304        # width of the text states that enter the model (a frozen encoder's own width)
+    text_len: int = 256         # text tokens (the bytes encoder: caption bytes)
+    text_layers: int = 0        # bytes encoder: transformer layers over its word tokens
     text_window: int = 0        # bytes encoder: each word token also reads its neighbours (odd width); 0 = off
-    pred: str = 'x'             # the network outputs 'x' the clean image (JiT), 'v' the velocity, or 'skip' (skip_x)
     text_pool: bool = False     # add the masked mean of the caption tokens to the adaLN conditioning (DiT, SD3)
-    route_ratio: float = 0.0    # TREAD: fraction of image tokens that skip the route (speedrun: 0.5); 0 = off
+    pred: str = 'x'             # the network outputs 'x' the clean image (JiT), 'v' the velocity, or 'skip' (skip_x)
+    route_ratio: float = 0.5    # TREAD: fraction of image tokens that skip the route; 0 = off
     route_start: int = 2        # first routed block (0-indexed)
-    route_end: int = -1         # routed blocks are blocks[route_start:route_end]: default to the penultimate block
-    repa_block: int = 8         # REPA taps the image tokens after this many blocks
-    repa_dim: int = 0           # teacher feature width; 0 = REPA off (no projector is built)
+    route_end: int = -1         # routed blocks are blocks[route_start:route_end]: to the penultimate block
+    repa_block: int = 8         # REPA taps the image tokens after this many blocks (the 8th block)
+    repa_dim: int = 0           # the REPA teacher's feature width; 0 = REPA off (no projector is built)
+
+    def __post_init__(self):
+        errors = []
+        if self.pred not in ('x', 'v', 'skip'):
+            errors.append(f"pred={self.pred!r}, want one of ('x', 'v', 'skip')")
+        if min(self.n_layer, self.patch_size, self.n_head) < 1:
+            errors.append(f'n_layer={self.n_layer}, patch_size={self.patch_size}, n_head={self.n_head}: want each >= 1')
+        elif self.n_embd % self.n_head or (self.n_embd // self.n_head) % 4:
+            errors.append(f'n_embd={self.n_embd} / n_head={self.n_head}: the head dimension must be a whole multiple '
+                          'of 4 (2D RoPE splits it into row and column halves of cos/sin pairs)')
+        if self.text_window < 0 or self.text_window % 2 == 0 and self.text_window:
+            errors.append(f'text_window={self.text_window}, want 0 (off) or an odd number of words (the word in the '
+                          'middle)')
+        if not 0 <= self.route_ratio < 1:
+            errors.append(f'route_ratio={self.route_ratio}, want 0 (off) <= route_ratio < 1')
+        elif self.route_ratio > 0 and self.n_layer >= 1 and not route_blocks(self):
+            errors.append(f'route_start={self.route_start}, route_end={self.route_end}: the TREAD route '
+                          f'blocks[{self.route_start}:{self.route_end}] of {self.n_layer} blocks is empty')
+        if self.repa_dim and not 1 <= self.repa_block <= self.n_layer:
+            errors.append(f'repa_block={self.repa_block} is outside the model: REPA taps after block '
+                          f'1..n_layer={self.n_layer}')
+        if errors:
+            raise ValueError('\n'.join(errors))
 
 
 class RMSNorm(nn.Module):
@@ -126,13 +150,12 @@ class Block(nn.Module):
 class ByteTextEncoder(nn.Module):
     """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
     The bytes of each word (split at spaces) are embedded with their place in the word and summed into one token,
-    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens. Measured
-    on the shapes set (README): bytes read directly, the 4-block model all but ignored its captions at this budget;
-    word-sized tokens it uses at once, and they are 5x fewer keys to attend to."""
+    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens, 5x fewer
+    keys to attend to, which a 4-block model reads at once (docs/experiments.md)."""
 
     def __init__(self, dim, max_len, n_layer, max_words=32, window=0):
         super().__init__()
-        self.embed = nn.Embedding(257, dim)          # 256 byte values and BOS (data.tokenize_bytes)
+        self.embed = nn.Embedding(257, dim)          # 256 byte values and BOS (text.tokenize_bytes)
         self.char_pos = nn.Embedding(max_len, dim)   # place of a byte in its word
         self.word_pos = nn.Embedding(max_words, dim)  # place of a word in the caption
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
@@ -154,16 +177,16 @@ class ByteTextEncoder(nn.Module):
         idx = torch.arange(L, device=ids.device).expand(B, L)
         start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
         # a byte is bound to its place in the word by a product, not a sum: with a sum every word of one length
-        # shares one sum of place vectors, so 'circle' and 'square' were nearly the same token (README)
+        # shares one sum of place vectors, so 'circle' and 'square' would be nearly the same token
         x = self.embed(ids) * self.char_pos(idx - start_at) * mask[..., None]
-        w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype).scatter_add_(1, word[..., None].expand_as(x), x)
+        w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype)
+        w = w.scatter_add_(1, word[..., None].expand_as(x), x)                  # (B, W, dim) summed per word
         n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
-        # sum / sqrt(bytes), not the mean: a word's content then weighs as much as its place in the caption
-        # (word_pos) whatever its length. Both changes: the tokens of 'circle' and 'square' in one caption slot had
-        # cosine 0.93 at init (sum and mean), now 0.60; 'large' and 'small' 0.93, now 0.54
+        # sum / sqrt(bytes), not the mean: a word's content weighs as much as its place (word_pos) whatever its
+        # length ('circle' and 'square' in one slot: cosine 0.60 at init, 0.93 with a sum of places or a mean)
         x = w / n.clamp(min=1).sqrt()[..., None] + self.word_pos.weight
-        # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never recompiles
-        # (trimming to the words in use was a data-dependent shape, a graph break); masked keys change no output
+        # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never
+        # recompiles; masked keys change no output
         word_mask = n > 0
         if self.window is not None:
             # binding: in "a small red circle to the left of a large blue square" the token of "circle" gains "small
@@ -197,11 +220,7 @@ class DiT(nn.Module):
         # REPA (Yu et al. 2024): projector hidden -> 2048 -> 2048 -> teacher dim, SiLU between
         self.repa_proj = nn.Sequential(nn.Linear(d, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
                                        nn.Linear(2048, cfg.repa_dim)) if cfg.repa_dim else None
-        n = cfg.n_layer
-        self.route = range(cfg.route_start % n if cfg.route_start < 0 else cfg.route_start,
-                           cfg.route_end % n if cfg.route_end < 0 else cfg.route_end)
-        if cfg.route_ratio > 0 and len(self.route) == 0:
-            raise ValueError(f'TREAD route blocks[{cfg.route_start}:{cfg.route_end}] of {n} blocks is empty')
+        self.route = route_blocks(cfg)   # TREAD's routed blocks
         self._init_weights()
 
     def _init_weights(self):
@@ -216,23 +235,27 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def configure_optimizers(self, optimizer='adamw', learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                             muon_lr=1e-3, muon_momentum=0.95, muon_weight_decay=0.0, muon_adjust_lr='match_rms_adamw',
-                             fused=True, muon_ns_steps=5, muon_adaln=True, muon_ns_dtype='default'):
-        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon]: Muon takes the blocks' 2D matrices and AdamW
-        the rest (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them.
-        muon_adaln=False leaves the blocks' adaLN matrices to AdamW as well (the shapes default: a quarter of
-        Newton-Schulz's work on a CPU, README); muon_ns_steps: Newton-Schulz steps per update (the speedrun: 5);
-        muon_ns_dtype: their dtype (muon.Muon's ns_dtype).
-        fused: AdamW's one-kernel step, on a GPU and on a CPU (equal to the foreach step, tests/test_model.py, and
-        faster on both, BENCHMARKS.md); it also skips a non-finite step on the device (found_inf), as train.py needs."""
-        named = list(self.named_parameters())
-        to_muon = {n for n, p in named if optimizer == 'muon' and n.startswith('blocks.') and p.ndim == 2
-                   and (muon_adaln or '.ada.' not in n)}
-        opts = [torch.optim.AdamW([p for n, p in named if n not in to_muon], lr=learning_rate, betas=betas, eps=eps,
+    def optimizer_split(self, optimizer, muon_adaln):
+        """(AdamW's parameter names, Muon's), in the order their optimizers hold them. With optimizer='muon', Muon
+        takes the blocks' 2D matrices (muon_adaln=False: all but the adaLN ones) and AdamW the rest (embeddings, head,
+        norms, biases, the REPA projector), as the speedrun splits them; checkpoint.py maps optimizer state by it."""
+        to_muon = [n for n, p in self.named_parameters() if optimizer == 'muon' and n.startswith('blocks.')
+                   and p.ndim == 2 and (muon_adaln or '.ada.' not in n)]
+        return [n for n, _ in self.named_parameters() if n not in to_muon], to_muon
+
+    def configure_optimizers(self, optimizer='muon', learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                             weight_decay=0.0, muon_lr=1e-4, muon_momentum=0.95, muon_weight_decay=0.0,
+                             muon_adjust_lr='match_rms_adamw', muon_ns_steps=5, muon_adaln=True,
+                             muon_ns_dtype='default', fused=True):
+        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon] (optimizer_split); the defaults are the
+        speedrun's. fused: AdamW's one-kernel step, faster on a GPU and a CPU (BENCHMARKS.md), and it skips a
+        non-finite step on the device (found_inf), as train.py needs."""
+        params = dict(self.named_parameters())
+        adam, muon = self.optimizer_split(optimizer, muon_adaln)
+        opts = [torch.optim.AdamW([params[n] for n in adam], lr=learning_rate, betas=betas, eps=eps,
                                   weight_decay=weight_decay, fused=fused)]
-        if optimizer == 'muon':
-            opts.append(Muon([p for n, p in named if n in to_muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
+        if muon:
+            opts.append(Muon([params[n] for n in muon], lr=muon_lr, momentum=muon_momentum, nesterov=True,
                              weight_decay=muon_weight_decay, adjust_lr=muon_adjust_lr, ns_steps=muon_ns_steps,
                              ns_dtype=muon_ns_dtype))
         return opts
@@ -266,21 +289,8 @@ class DiT(nn.Module):
         macs += 2 * d * d + N * d * 3 * p * p                            # adaLN and the head
         return 2 * macs
 
-    def forward(self, z, t, text, text_mask, route=None):
-        """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
-        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
-        route: TREAD on/off (default: on in training), or the draw itself: a (B, h*w) tensor of uniform scores whose
-        lowest n_keep per sample are the kept tokens (training passes one from its per-micro-batch generator, so any
-        split over processes routes the same tokens; True draws from the global RNG).
-        Returns (x_pred (B,3,H,W), repa) where repa is None or (projected tokens (B,n,repa_dim), their token indices
-        (B,n) or None for all tokens)."""
-        B, _, H, W = z.shape
-        p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
-        gh, gw = H // p, W // p                                                       # the token grid
-        # (B, 3*p*p, gh*gw) patches -> (B, N, 3*p*p) -> bottleneck -> (B, N, D), N = gh*gw in raster order
-        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
+    def condition(self, t, text, text_mask):
+        """(text states (B, L, D), their mask (B, L), adaLN conditioning (B, D)) from t and the caption."""
         if self.text_encoder is not None:
             text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
         txt = self.text_proj(text)                                                    # (B, L, D)
@@ -288,42 +298,87 @@ class DiT(nn.Module):
         c = self.t_embed(timestep_embedding(t * 1000, 256))                           # (B, D)
         if self.text_pool is not None:
             m = text_mask[..., None].to(txt.dtype)
-            c = c + self.text_pool((txt * m).sum(1) / m.sum(1).clamp_min(1))   # (B, D)
-        cos_all, sin_all = rope_2d(gh, gw, self.cfg.n_embd // self.cfg.n_head, z.device)   # (N, hd)
-        cos, sin = cos_all, sin_all
-        mask = attn_mask(text_mask, gh * gw)
-        scores, route = (route, True) if isinstance(route, torch.Tensor) else (None, route)
-        route = (self.training if route is None else route) and self.cfg.route_ratio > 0
-        keep, repa = None, None
+            c = c + self.text_pool((txt * m).sum(1) / m.sum(1).clamp_min(1))          # (B, D)
+        return txt, text_mask, c
+
+    def forward(self, z, t, text, text_mask, route=None):
+        """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
+        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
+        route: TREAD on/off (default: on in training), or its draw (tread_draw). Returns (x_pred (B,3,H,W), repa):
+        repa is None or (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
+        B, _, H, W = z.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
+        gh, gw = H // p, W // p                                                       # the token grid, N = gh*gw
+        # (B, 3*p*p, N) patches -> (B, N, 3*p*p), raster order -> bottleneck -> (B, N, D)
+        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
+        txt, text_mask, c = self.condition(t, text, text_mask)
+        rope = rope_2d(gh, gw, self.cfg.n_embd // self.cfg.n_head, z.device)          # cos, sin (N, hd)
+        dense = (attn_mask(text_mask, gh * gw), *rope)
+        keep = self.tread_keep(route, B, gh * gw, z.device)   # TREAD's kept tokens (B, n_keep), or None: off
+        routed = None if keep is None else (attn_mask(text_mask, keep.shape[1]), *(r[keep][:, None] for r in rope))
+        x_all, repa = None, None
         for i, block in enumerate(self.blocks):
-            if route and i == self.route.start:
-                # TREAD (Krause et al. 2025): per sample, a random subset of tokens skips the route unchanged;
-                # the kept ones carry their own RoPE positions through it
-                n_keep = max(1, round(x.shape[1] * (1 - self.cfg.route_ratio)))
-                keep = route_keep(torch.rand(B, x.shape[1], device=x.device) if scores is None else scores, n_keep)
-                x_all, x = x, x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
-                cos, sin = cos_all[keep][:, None], sin_all[keep][:, None]               # (B, 1, n_keep, hd)
-                mask = attn_mask(text_mask, n_keep)
-            x = block(x, c, txt, mask, cos, sin)
+            in_route = keep is not None and i in self.route
+            if in_route and i == self.route.start:
+                x_all, x = x, tread_gather(x, keep)
+            x = block(x, c, txt, *(routed if in_route else dense))
             if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
-                repa = (self.repa_proj(x), keep)   # REPA: inside the route these are the kept tokens only
-            if route and i == self.route.stop - 1:
-                # TREAD: put the routed tokens back in their places; skipped ones come through untouched
-                x = x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
-                cos, sin, keep = cos_all, sin_all, None
-                mask = attn_mask(text_mask, gh * gw)
+                repa = (self.repa_proj(x), keep if in_route else None)   # REPA: in the route, the kept tokens only
+            if in_route and i == self.route.stop - 1:
+                x = tread_scatter(x_all, x, keep)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         x = self.head(modulate(self.norm_out(x), shift, scale))                       # (B, N, p*p*3)
-        out = F.fold(x.transpose(1, 2), (H, W), p, stride=p)                          # (B, 3, H, W)
+        return self.output(F.fold(x.transpose(1, 2), (H, W), p, stride=p), z, t), repa   # (B, 3, H, W)
+
+    def output(self, out, z, t):
+        """The clean image from the head's output, by pred."""
         if self.cfg.pred == 'v':
             # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise, so
-            # x = z_t + (1-t) v): the loss and the sampler stay the same, and the velocity loss is then the plain
-            # MSE on v for t < 0.95. JiT's claim is that predicting x itself is what works in pixel space.
-            out = z + (1 - t).view(-1, 1, 1, 1) * out
-        elif self.cfg.pred == 'skip':
-            out = skip_x(z, t, out)
-        return out, repa
+            # x = z_t + (1-t) v): the loss and the sampler stay the same. JiT: predicting x is what works in pixels
+            return z + (1 - t).view(-1, 1, 1, 1) * out
+        if self.cfg.pred == 'skip':
+            return skip_x(z, t, out)
+        return out
 
+    # ---- TREAD (Krause et al. 2025): per sample, a random subset of image tokens skips blocks[route_start:route_end]
+    # unchanged; the kept ones carry their own RoPE positions through the route (forward) ----
+
+    def tread_keep(self, route, B, N, device):
+        """The indices (B, n_keep) of the tokens that go through the route, or None when routing is off. route: None
+        (on in training), a bool, or a (B, N) draw of uniform scores (tread_draw); True draws from the global RNG."""
+        scores, on = (route, True) if isinstance(route, torch.Tensor) else (None, route)
+        if not (self.training if on is None else on) or self.cfg.route_ratio == 0:
+            return None
+        scores = torch.rand(B, N, device=device) if scores is None else scores
+        return scores.argsort(dim=1)[:, :max(1, round(N * (1 - self.cfg.route_ratio)))]   # the n_keep lowest
+
+
+def tread_draw(gen, batch, n_tokens):
+    """TREAD's route for a training batch: (B, N) uniform scores from gen, the per-micro-batch generator, so that any
+    split over processes routes the same tokens. Drawn outside the compiled model: compiled, a draw from a
+    torch.Generator gives other numbers than eager."""
+    return torch.rand(batch, n_tokens, generator=gen, device=gen.device)
+
+
+def tread_gather(x, keep):
+    """(B, N, D) tokens -> the kept ones (B, n_keep, D), in keep's order."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))
+
+
+def tread_scatter(x_all, x, keep):
+    """The routed tokens x (B, n_keep, D) put back in their places of x_all (B, N, D); the others come through
+    untouched."""
+    return x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
+
+
+def route_blocks(cfg):
+    """The routed blocks' indices: blocks[route_start:route_end], as Python slices them."""
+    return range(cfg.n_layer)[cfg.route_start:cfg.route_end]
+
+
+# ---- helpers ----
 
 SKIP_SIGMA = 0.1  # the noise level (noise std / signal) below which z itself is most of the answer
 
@@ -334,7 +389,7 @@ def skip_x(z, t, out):
     image itself as in x-prediction. At t = 0 (pure noise) a = 0: plain x-prediction (JiT). Towards t = 1 a -> 1:
     z is the answer and the network adds a correction, so it need not carry every pixel through the bottleneck and
     128 channels to keep an edge sharp. The noise that a * z lets through, a (1 - t), peaks at 0.05 (t ~ 0.9): the
-    network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 let 0.2 through at t = 0.5 (README)."""
+    network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 would let 0.2 through at t = 0.5."""
     t = t.view(-1, 1, 1, 1).to(z.dtype)
     a = SKIP_SIGMA ** 2 * t / ((1 - t) ** 2 + SKIP_SIGMA ** 2 * t ** 2)
     return a * z + (1 - a * t) * out
@@ -343,12 +398,6 @@ def skip_x(z, t, out):
 def attn_mask(text_mask, n_image):
     """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked, every image token seen."""
     return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], dim=1)[:, None, None]
-
-
-def route_keep(scores, n_keep):
-    """TREAD: the indices (B, n_keep) of the tokens that go through the route: per sample, the n_keep lowest of
-    uniform scores (B, N), i.e. a random subset."""
-    return scores.argsort(dim=1)[:, :n_keep]
 
 
 def timestep_embedding(t, dim, max_period=10000):

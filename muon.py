@@ -42,18 +42,19 @@ import torch.distributed as dist
 NS_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
 
+NS_DTYPE_CHOICES = ('default', 'auto', *NS_DTYPES)
+
+
 def ns_dtype(device):
-    # bfloat16 is stable enough here and twice as fast on a GPU (Jordan 2024); on a CPU it depends on the CPU (see
-    # fastest_ns_dtype), so float32 unless Muon is told or times it
-    return torch.bfloat16 if device.type == 'cuda' else torch.float32
+    """'default': bfloat16 on a GPU, stable enough here and twice as fast (Jordan 2024); on a CPU it depends on the
+    CPU (fastest_ns_dtype), so float32 unless Muon is told or times it."""
+    return 'bfloat16' if device.type == 'cuda' else 'float32'
 
 
 def fastest_ns_dtype(shapes, steps, device, reps=5):
     """'float32' or 'bfloat16', whichever runs Newton-Schulz faster here on stacks of these (count, rows, cols).
-    A GPU is always bfloat16. A CPU differs by model: the shapes default's Muon step took 0.6x the time in bfloat16
-    on a 2-core AMD EPYC with AVX-512 bf16 instructions, and an earlier session measured the train step 1.2x slower
-    in bfloat16 on its CPU (README), so it is timed: a warm-up and the best of `reps` runs each, about a
-    second at start-up (1.2 s on the AMD EPYC above, most of it the first bfloat16 call)."""
+    A GPU is always bfloat16. A CPU differs by model (0.6x the time in bfloat16 with AVX-512 bf16 instructions,
+    slower without them: BENCHMARKS.md), so it is timed: a warm-up and the best of `reps` runs each, about a second."""
     if device.type == 'cuda':
         return 'bfloat16'
     stacks = [torch.randn(*s, device=device) for s in shapes]
@@ -72,13 +73,13 @@ def fastest_ns_dtype(shapes, steps, device, reps=5):
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
     """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own. Muon.step
     stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace 168 small ones.
-    dtype: of the iteration (default ns_dtype(device)); the result comes back in it."""
+    dtype: of the iteration (default: ns_dtype(device)'s); the result comes back in it."""
     # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
     # maximise the slope at 0, so 5 steps push all singular values into roughly
     # [0.7, 1.2] rather than exactly 1, which does not hurt training.
     assert G.ndim in (2, 3), f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(G.shape)}"
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(dtype or ns_dtype(G.device)).reshape(-1, *G.shape[-2:])  # (k, m, n)
+    X = G.to(dtype or NS_DTYPES[ns_dtype(G.device)]).reshape(-1, *G.shape[-2:])  # (k, m, n)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # iterate on the smaller Gram matrix X X^T
@@ -99,8 +100,8 @@ class Muon(torch.optim.Optimizer):
         """ns_dtype: the Newton-Schulz iteration's dtype, 'default' (bfloat16 on a GPU, float32 on a CPU), 'auto'
         (fastest_ns_dtype, timed on these parameters' shapes), 'float32' or 'bfloat16'. The choice is saved with the
         state dict, so a resumed run, on any machine, keeps it."""
-        if ns_dtype not in ('default', 'auto', 'float32', 'bfloat16'):
-            raise ValueError(f"ns_dtype must be 'default', 'auto', 'float32' or 'bfloat16', got {ns_dtype!r}")
+        if ns_dtype not in NS_DTYPE_CHOICES:
+            raise ValueError(f'ns_dtype must be one of {NS_DTYPE_CHOICES}, got {ns_dtype!r}')
         if adjust_lr not in ('match_rms_adamw', 'original'):
             raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,

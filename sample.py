@@ -9,13 +9,13 @@ Writes samples_dir/00000.png and 00000.txt (its caption) per prompt, in order, a
 import json
 import math
 import os
-import pickle
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint import checkpoint_of, load_checkpoint
 from losses import V_CLIP, shift_t
 
 # -----------------------------------------------------------------------------
@@ -87,6 +87,7 @@ def to_uint8(imgs):
 
 
 def save_grid(imgs, path):
+    """imgs (N, 3, H, W) in [-1, 1] as one PNG, in rows of ceil(sqrt(N))."""
     u8 = to_uint8(imgs)
     n, h, w, _ = u8.shape
     cols = math.ceil(math.sqrt(n))
@@ -97,22 +98,11 @@ def save_grid(imgs, path):
     Image.fromarray(grid).save(path)
 
 
-def load_checkpoint(path):
-    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from someone
-    else cannot run code while it is read (a full unpickle can)."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(f'{path}: refused, it holds more than tensors and plain types (weights_only=True): '
-                         f'{str(e).splitlines()[0]}')
-
-
-def checkpoint_of(out_dir):
-    """out_dir/ckpt.pt, or a clear exit when the run has none."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.isfile(path):
-        raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={out_dir})')
-    return path
+def write_grid(model, encode, captions, path, size, steps, cfg_scale, shift, noise_scale, seed):
+    """A PNG grid of one sample per caption, from a fixed seed: train.py's progress pictures."""
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    imgs = generate(model, encode, captions, size, steps, cfg_scale, 1.0, shift, noise_scale, gen)
+    save_grid(imgs, path)
 
 
 def run_dir(source):
@@ -127,7 +117,7 @@ SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_sca
 def load_model(source, device, use_ema=True):
     """The model (EMA weights by default), its text encoder's encode(), and the config sampling needs, from a run's
     folder (its ckpt.pt) or from a .safetensors file written by export.py."""
-    from data import load_text_encoder
+    from text import load_text_encoder
     from model import DiT, DiTConfig
     if source.endswith('.safetensors'):
         from safetensors import safe_open

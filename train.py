@@ -1,7 +1,7 @@
 """
 Train a pixel-space text-to-image diffusion transformer. One plain loop, one process or many:
 
-    python train.py                                   # the shapes set on a CPU, 14 min 20 s
+    python train.py                                   # the shapes set on a CPU, about 15 minutes
     python train.py config/speedrun.py --max_iters=10 # override anything
     torchrun --nproc_per_node=8 train.py config/speedrun.py
 
@@ -14,191 +14,141 @@ import resource
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import BAD_REASONS, Mixture, StepBatches, load_text_encoder, shard_paths, to_model_images
+from checkpoint import init_errors, load_checkpoint, restore, save_checkpoint, stage_errors
+from data import BAD_REASONS, Mixture, StepBatches, to_model_images
 from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
-from muon import ns_dtype
-from sample import load_checkpoint
+import muon
+from text import cache_errors, load_text_encoder
 
 # -----------------------------------------------------------------------------
+# The speedrun recipe's values (docs/recipe.md), then, in one block, the shapes set's departures from them.
 # I/O
 out_dir = 'out'
-log_interval = 10
-sample_interval = 1000    # write a grid of EMA samples every N steps (0 = never)
-ckpt_interval = 1000      # and a checkpoint (always one at the end)
+log_interval = 50
+sample_interval = 2000    # write a grid of EMA samples every N steps (0 = never)
+ckpt_interval = 2000      # and a checkpoint (always one at the end)
 keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are also kept as ckpt_0001000.pt, ...
-init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage from its weights
-max_iters = 20000         # a cap: the default run stops at its time_budget first on a CPU
-time_budget = 860.0       # seconds; stop once the loop has run this long (0 = off): the default trains for 14
-                          # min 20 s on any machine, the 15 minutes it is allowed less a margin for start-up and
-                          # the last checkpoint (README: more steps are its surest gain); the speedrun sets 0
-# data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards (a glob or 'x/{00000..00127}.tar'),
-# weighted (README, "Data")
+init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage (checkpoint.py)
+max_iters = 100_000
+time_budget = 0.0         # seconds; stop once the loop has run this long (0 = off)
+# data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards, weighted (data.py, docs/data.md)
 data = {'shapes': 1.0}
-min_image_size = 32       # images whose shorter side is below this are skipped as bad (the speedrun: 256)
-max_bad_fraction = 0.01   # a source with more bad samples than this (corrupt, too small, no caption, ...) stops the run
+min_image_size = 256      # images whose shorter side is below this are skipped as bad
+max_bad_fraction = 0.01   # a source with more bad samples than this (corrupt, too small, no caption) stops the run
 random_crop = False       # a random square crop instead of the centre one
-hflip = False             # mirror half the images (wrong for captions that say left or right, like the shapes set's)
-image_size = 64
-batch_size = 16           # global batch, over all processes and accumulation steps (README: more updates win)
-micro_batch = 0           # images per process per forward; 0 = batch_size / processes (no accumulation)
-num_workers = 1
-# text
-text_encoder = 'bytes'    # 'bytes' (trainable, no download) or a Hugging Face name, e.g. google/t5gemma-2b-2b-ul2
-text_len = 96
-text_dim = 128            # width of the bytes encoder (a Hugging Face encoder brings its own)
-text_cache = ''           # a folder of cache_text.py's frozen-encoder states; captions not in it are encoded on the fly
-text_layers = 0           # transformer layers over the pooled word tokens of the bytes encoder (README)
-text_window = 5           # the bytes encoder's word tokens each read their neighbours, this many words wide (model.py;
-                          # README: with edge_weight it lifts two-object images from 62-70% to 85%; 0 = off)
-text_pool = True          # the mean caption token joins the timestep in adaLN (model.py; the speedrun: off)
+hflip = False             # mirror half the images (wrong for captions that say left or right)
+image_size = 512
+batch_size = 1024         # global batch, over all processes and accumulation steps
+micro_batch = 32          # images per process per forward; 0 = batch_size / processes (no accumulation)
+num_workers = 8
+text_cache = ''           # a folder of cache_text.py's frozen-encoder states
 caption_dropout = 0.1     # for classifier-free guidance
-# model
-patch_size = 8
-bottleneck = 64
-n_layer = 4
-n_head = 4
-n_embd = 128
-mlp_ratio = 4.0
-# diffusion (t = 1 is clean, see losses.py)
-t_mean = 0.0              # logit-normal t: sigmoid(N(t_mean, t_std)) (JiT: -0.8, 0.8; the speedrun: 0, 1)
-t_std = 1.0
-t_shift = 10.0            # shift toward noise, also used by the sampler (the speedrun: 3; README: flat images need more)
-t_uniform = 0.5           # fraction of t drawn uniformly (the speedrun: 0.1; README: shapes need the low noise too)
-noise_scale = 1.0         # JiT: res / 256 at high resolution
-loss_target = 'v'         # 'v': JiT's velocity loss (1-t clipped at v_clip); 'x': MSE on the clean image (losses.py)
-v_clip = 0.2              # 'v' loss: 1 - t is clipped here where it divides, so a nearly clean sample weighs at
-                          # most 1 / v_clip^2 (JiT and the speedrun: 0.05; README: the shapes set gains at 0.2)
-edge_weight = 96.0        # pixels at the clean image's edges weigh up to 1 + edge_weight * t in the loss (losses.py;
-                          # README, "Edges": 59.0% -> 75.0% at 16, 79.5% at 48, 87.5% at 96 with text_window=5;
-                          # 0 = off, the speedrun's)
-pred = 'skip'             # 'x' (JiT, the speedrun's), 'v' (velocity) or 'skip': x plus EDM's skip from z_t (model.py)
-# TREAD token routing (model.py)
-route_ratio = 0.0
-route_start = 2
-route_end = -1
-# REPA and perceptual losses (losses.py); teachers_pretrained=False builds random ones (tests, no download)
-repa_weight = 0.0
-repa_block = 8
+# model and objective: each field of model.DiTConfig and losses.LossConfig is a key, at the recipe's value there
+# (patch_size, n_layer, n_embd, text_encoder, text_len, pred, route_ratio, repa_block, t_shift, v_clip, ...)
+globals().update({k: v for k, v in asdict(DiTConfig()).items() if k != 'repa_dim'})   # repa_dim: the teacher's
+globals().update(asdict(LossConfig()))
 repa_teacher = 'vit_large_patch16_dinov3'
-lpips_weight = 0.0
-dino_weight = 0.0
 dino_model = 'vit_base_patch14_reg4_dinov2'
-teachers_pretrained = True
-# optimizer: 'adamw' for everything, or 'muon' for the blocks' 2D matrices and Adam for the rest
-optimizer = 'muon'        # README: Muon at 2e-3 scored 68.0% and 49.0% in 860 s, AdamW 44-52.5% (mean ~10 points)
-learning_rate = 1e-3      # Adam's
+teachers_pretrained = True   # False builds random teachers (tests, no download)
+# optimizer: Muon for the blocks' 2D matrices, Adam for the rest (model.configure_optimizers)
+optimizer = 'muon'        # or 'adamw' for everything
+learning_rate = 1e-4      # Adam's
 betas = (0.9, 0.95)
 eps = 1e-8
 weight_decay = 0.0
-muon_lr = 2e-3            # update RMS matched to AdamW's (muon_adjust_lr), so comparable with learning_rate
+muon_lr = 1e-4            # update RMS matched to AdamW's (muon_adjust_lr), so comparable with learning_rate
 muon_momentum = 0.95
 muon_weight_decay = 0.0
 muon_adjust_lr = 'match_rms_adamw'
-muon_ns_steps = 3         # Newton-Schulz steps per update (the speedrun: 5): each costs ~8% of the default's CPU step
-muon_ns_dtype = 'auto'    # Newton-Schulz in 'float32', 'bfloat16', 'default' (bf16 on a GPU, else fp32) or 'auto'
-                          # (bf16 on a GPU; on a CPU the faster of the two, timed at start-up: muon.py)
-muon_adaln = False        # the blocks' adaLN matrices on Muon too (the speedrun: True); off, AdamW takes them
-warmup_iters = 300
-cooldown_iters = 0        # LR falls linearly to 0 over the last N steps (0 = constant to the end, the speedrun's)
-grad_clip = 1.0
+muon_ns_steps = 5         # Newton-Schulz steps per update
+muon_ns_dtype = 'default'  # 'default' (bf16 on a GPU, else fp32), 'float32', 'bfloat16' or 'auto' (muon.py)
+muon_adaln = True         # the blocks' adaLN matrices on Muon too; off, AdamW takes them
+warmup_iters = 1000
+cooldown_iters = 0        # LR falls linearly to 0 over the last N steps (0 = constant to the end)
+grad_clip = 0.2
 max_bad_steps = 10        # steps with a non-finite loss or gradient are skipped; this many in a row stop the run
 fault_nan_step = 0        # tests: make the loss NaN at this step (0 = never)
-# EMA
 ema_decay = 0.999
-ema_interval = 1          # update every N steps (the speedrun: 10)
-ema_warmup = True         # decay min(ema_decay, (1+n)/(10+n)) after n updates: short runs need it (README)
-# sampling during training
-sample_steps = 25
+ema_interval = 10         # update the EMA every N steps
+ema_warmup = False        # decay min(ema_decay, (1+n)/(10+n)) after n updates: short runs need it
+sample_steps = 50         # Euler steps of the grids
 cfg_scale = 4.0
-# learning curve: score the EMA model every eval_interval steps on eval_n fixed prompts of eval.py (shapes set only);
-# rows go to log.jsonl, their time is kept out of ms_per_step, and training is unchanged (its RNG is untouched)
-eval_interval = 1000      # 0 = off
+# learning curve (the shapes set only): every eval_interval steps, eval.py's score of the EMA model on eval_n prompts
+eval_interval = 0         # 0 = off
 eval_n = 50
-eval_steps = 20           # Euler steps per sample
+eval_steps = 20
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
-compile = True            # torch.compile the denoiser (one graph: text has fixed lengths) and the frozen teachers;
-                          # on a CPU it needs a C++ compiler (gcc or clang), else --compile=False. The default
-                          # step: 1.66x on a 2-core Intel Xeon, 1.07x on a 2-core AMD EPYC (BENCHMARKS.md)
-ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets of this size; compiled, the graph is split at them so
-                          # each bucket's all-reduce overlaps the rest of the backward (dynamo's DDPOptimizer)
+compile = True            # torch.compile the denoiser and the frozen teachers (on a CPU it needs gcc or clang)
+ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets this big; compiled, each overlaps the backward
 seed = 1337
+# ---- the shapes set's departures: a 2-core CPU in 15 minutes; docs/experiments.md says how each was found ----
+log_interval, sample_interval, ckpt_interval = 10, 1000, 1000
+max_iters = 20000         # a cap: the run stops on its clock first
+time_budget = 860.0       # 14 min 20 s in the loop: the 15 minutes less start-up and the last checkpoint
+min_image_size = 32
+image_size, batch_size, micro_batch, num_workers = 64, 16, 0, 1
+text_encoder, text_len, text_dim = 'bytes', 96, 128   # the trainable byte encoder: no download
+text_window = 5           # each word token reads its neighbours: binds "small red" to "circle"
+text_pool = True          # the mean caption token joins the timestep in adaLN
+patch_size, bottleneck, n_layer, n_head, n_embd = 8, 64, 4, 4, 128
+pred = 'skip'             # x-prediction plus EDM's skip from z_t (model.skip_x)
+t_shift, t_uniform = 10.0, 0.5   # flat images need more noise; shapes need the low noise too
+v_clip = 0.2              # the velocity loss weighs the nearly clean end at most 25, not 400
+edge_weight = 96.0        # outlines weigh up to 97 at t = 1 (losses.pixel_mean)
+route_ratio, lpips_weight, dino_weight, repa_weight = 0.0, 0.0, 0.0, 0.0   # no TREAD, no teachers
+learning_rate, muon_lr = 1e-3, 2e-3
+muon_ns_steps, muon_ns_dtype, muon_adaln = 3, 'auto', False   # a cheaper Muon on a CPU
+warmup_iters, grad_clip = 300, 1.0
+ema_interval, ema_warmup = 1, True
+sample_steps, eval_interval = 25, 1000
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
 
+def model_args_of(**widths):
+    """DiTConfig's arguments: the config's keys, and the widths that the text encoder and REPA's teacher bring."""
+    return {**{k: config[k] for k in DiTConfig.__dataclass_fields__ if k in config}, **widths}
+
+
 def config_errors():
-    """Every mistake of the config that would otherwise surface as a traceback deep in the model, or not at all."""
-    choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'), 'pred': ('x', 'v', 'skip'),
-               'loss_target': ('v', 'x'), 'muon_ns_dtype': ('default', 'auto', 'float32', 'bfloat16')}
+    """The mistakes that the model's, the loss's and the data's own checks cannot see, before any work."""
+    choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'),
+               'muon_ns_dtype': muon.NS_DTYPE_CHOICES}
     errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
-    lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1, 'warmup_iters': 1,
-              'cooldown_iters': 0, 'ema_interval': 1, 'n_layer': 1, 'patch_size': 1, 'image_size': 1, 'eval_n': 1,
+    lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1,
+              'warmup_iters': 1, 'cooldown_iters': 0, 'ema_interval': 1, 'image_size': 1, 'eval_n': 1,
               'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0}
     errors += [f'{k}={config[k]}, want an integer >= {low}' for k, low in lowest.items() if config[k] < low]
     if patch_size >= 1 and image_size % patch_size:
         errors.append(f'image_size={image_size} is not a multiple of patch_size={patch_size} '
                       f'(try {max(patch_size, image_size // patch_size * patch_size)})')
-    if n_head < 1 or n_embd % n_head or (n_embd // n_head) % 4:
-        errors.append(f'n_embd={n_embd} / n_head={n_head}: the head dimension must be a whole multiple of 4 '
-                      f'(2D RoPE splits it into row and column halves of cos/sin pairs)')
+    for build in (lambda: DiTConfig(**model_args_of(repa_dim=int(repa_weight > 0))),
+                  lambda: LossConfig.from_config(config)):
+        try:
+            build()
+        except ValueError as e:
+            errors += str(e).splitlines()
     if cooldown_iters and time_budget > 0:
         errors.append(f'cooldown_iters={cooldown_iters} counts back from max_iters={max_iters}, but time_budget='
                       f'{time_budget} may stop the run before it: set --time_budget=0 with a cooldown')
-    if edge_weight < 0:
-        errors.append(f'edge_weight={edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
-    if not 0 < v_clip <= 1:
-        errors.append(f'v_clip={v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity loss divides by)')
-    if text_window < 0 or (text_window and text_window % 2 == 0):
-        errors.append(f'text_window={text_window}, want 0 (off) or an odd number of words (the word in the middle)')
-    if not 0 <= route_ratio < 1:
-        errors.append(f'route_ratio={route_ratio}, want 0 (off) <= route_ratio < 1')
-    elif route_ratio > 0 and n_layer >= 1 and len(range(n_layer)[route_start:route_end]) == 0:
-        errors.append(f'route_start={route_start}, route_end={route_end}: the TREAD route '
-                      f'blocks[{route_start}:{route_end}] of {n_layer} blocks is empty')
-    if repa_weight > 0 and not 1 <= repa_block <= n_layer:
-        errors.append(f'repa_block={repa_block} is outside the model: REPA taps after block 1..n_layer={n_layer}')
-    if not 0 <= max_bad_fraction <= 1:
-        errors.append(f'max_bad_fraction={max_bad_fraction}, want a fraction in [0, 1]')
-    if text_cache and text_encoder == 'bytes':
-        errors.append(f"text_cache={text_cache!r}: the bytes encoder trains with the model, there is nothing to cache")
-    elif text_cache and os.path.isfile(os.path.join(text_cache, 'meta.json')):
-        meta = json.load(open(os.path.join(text_cache, 'meta.json')))
-        if (meta['encoder'], meta['text_len']) != (text_encoder, text_len):
-            errors.append(f"text_cache={text_cache!r} holds {meta['encoder']} states of {meta['text_len']} tokens, "
-                          f'not {text_encoder} of {text_len}')
-    if not isinstance(data, dict) or not data:
-        errors.append(f"data={data!r}, want {{'shapes': 1.0}} or {{folder or shards: weight, ...}}")
-    else:
-        errors += [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a {{00000..00127}} '
-                   f"range, or the built-in 'shapes')" for k in data if k != 'shapes' and not os.path.isdir(k)
-                   and not (shard_paths(k) and all(os.path.isfile(p) for p in shard_paths(k)))]
-        errors += [f'data weight {k!r}: {w!r}, want a number > 0' for k, w in data.items()
-                   if not isinstance(w, (int, float)) or w <= 0]
-    if init_from == 'resume' and not os.path.isfile(os.path.join(out_dir, 'ckpt.pt')):
-        errors.append(f'init_from=resume but there is no {out_dir}/ckpt.pt')
-    elif init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
-        errors.append(f"init_from={init_from!r}: want 'scratch', 'resume' or the path of a checkpoint file, "
-                      'and there is no such file')
-    elif init_from not in ('scratch', 'resume') and os.path.abspath(init_from) == os.path.abspath(
-            os.path.join(out_dir, 'ckpt.pt')):
-        errors.append(f'init_from={init_from!r} is out_dir\'s own checkpoint, which this run would overwrite: '
-                      "use init_from='resume' to continue it, or another out_dir for a new stage")
-    return errors
+    errors += Mixture.config_errors(data, max_bad_fraction)
+    return errors + cache_errors(text_cache, text_encoder, text_len) + init_errors(init_from, out_dir)
 
 
 if errors := config_errors():
     raise SystemExit('config error: ' + '\nconfig error: '.join(errors))
-# -----------------------------------------------------------------------------
 
+# ---- setup: processes, seeds, the text encoder, the model, teachers, optimizers, the loader ----
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
     dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
@@ -211,13 +161,14 @@ else:
 master = rank == 0
 micro = micro_batch or batch_size // world
 if batch_size % (micro * world):
-    raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x {world} processes')
+    raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x {world} '
+                     'processes')
 # Training draws nothing from the global RNG: t, noise, caption dropout and TREAD's route come from each
-# micro-batch's own generator (the loop below), so a checkpoint needs no RNG state and a resume on any number of
+# micro-batch's own generator (the loop), so a checkpoint needs no RNG state and a resume on any number of
 # processes continues exactly. The seed fixes the initial weights (DDP copies rank 0's to the others anyway).
 torch.manual_seed(seed)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
+ptdtype = getattr(torch, dtype)
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -225,36 +176,16 @@ if device_type == 'cuda':
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
-# text encoder, model, teachers
 encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_type == 'cuda' else torch.float32,
                            cache=text_cache)
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
-model_args = dict(patch_size=patch_size, bottleneck=bottleneck, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                  mlp_ratio=mlp_ratio, text_encoder=text_encoder, text_len=text_len, text_layers=text_layers,
-                  text_window=text_window,
-                  text_dim=text_dim if text_encoder == 'bytes' else encode.dim, text_pool=text_pool, pred=pred,
-                  route_ratio=route_ratio, route_start=route_start, route_end=route_end, repa_block=repa_block,
-                  repa_dim=teacher.num_features if teacher is not None else 0)
+model_args = model_args_of(text_dim=text_dim if text_encoder == 'bytes' else encode.dim,
+                           repa_dim=teacher.num_features if teacher is not None else 0)
 ckpt = None
-if init_from != 'scratch':  # 'resume' continues out_dir's run; a path starts a new stage from that checkpoint
+if init_from != 'scratch':
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
-    # routing, the REPA tap and REPA itself may change between stages; everything else is the checkpoint's shape
-    per_stage = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim')
-    differ = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
-              if k not in per_stage and model_args.get(k) != v]
-    if differ:
-        raise SystemExit(f'config error: init_from={init_from}: the model differs from the checkpoint\'s: '
-                         + ', '.join(differ))
-
-    def split(c):
-        """How a config shares the parameters between AdamW and Muon (a checkpoint from before these keys: AdamW
-        only, or Muon with the adaLN matrices). The optimizers' states are loaded one to one, so it must match."""
-        o = c.get('optimizer', 'adamw')
-        return f'optimizer={o!r}' + (f", muon_adaln={c.get('muon_adaln', True)}" if o == 'muon' else '')
-    if split(ckpt['config']) != split(config):
-        raise SystemExit(f'config error: init_from={init_from}: the checkpoint was trained with '
-                         f"{split(ckpt['config'])}; pass the same (--optimizer=... --muon_adaln=...) to go on from its "
-                         'optimizer state')
+    if errors := stage_errors(ckpt, model_args, config, init_from):
+        raise SystemExit('config error: ' + '\nconfig error: '.join(errors))
 raw = DiT(DiTConfig(**model_args)).to(device)   # `raw` is the module itself: its weights, state dict and EMA
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
@@ -263,8 +194,8 @@ if device_type == 'cuda':   # frozen teachers held in the autocast dtype: half t
     for net in (teacher, lpips_net, dino_net):
         if net is not None:
             net.to(ptdtype)
-if compile:   # the teachers too: they are a third of the speedrun step (BENCHMARKS.md). losses.py calls a timm ViT's
-    for net in (teacher, dino_net):   # forward_features, LPIPS itself
+if compile:   # the teachers too, a third of the speedrun step (BENCHMARKS.md); losses.py calls forward_features
+    for net in (teacher, dino_net):
         if net is not None:
             net.forward_features = torch.compile(net.forward_features)
     lpips_net = torch.compile(lpips_net) if lpips_net is not None else None
@@ -276,25 +207,8 @@ opts = raw.configure_optimizers(optimizer, learning_rate, betas, eps, weight_dec
 for opt in opts:
     for g in opt.param_groups:
         g['base_lr'] = g['lr']   # the configured lr; the schedule sets g['lr'] = base_lr * lr_mult each step
-
-step = 0
-if ckpt is not None:
-    repa_keys = [k for k in ckpt['model'] if k.startswith('repa_proj.')]
-    if raw.repa_proj is None and repa_keys:
-        # stage 2 turns REPA off: the projector is dropped, with its Adam state (its parameters are Adam's last)
-        for sd in (ckpt['model'], ckpt['ema']):
-            for k in repa_keys:
-                del sd[k]
-        group = ckpt['optimizers'][0]['param_groups'][0]
-        for i in group['params'][-len(repa_keys):]:
-            ckpt['optimizers'][0]['state'].pop(i, None)
-        group['params'] = group['params'][:-len(repa_keys)]
-    raw.load_state_dict(ckpt['model'])
-    ema.load_state_dict(ckpt['ema'])
-    for opt, sd in zip(opts, ckpt['optimizers']):
-        opt.load_state_dict(sd)
-    step = ckpt['step']
-    del ckpt
+step = restore(ckpt, raw, ema, opts) if ckpt is not None else 0
+del ckpt
 model = raw   # what the step calls: raw, in DDP and/or compiled
 if ddp:
     model = ddp_model = DDP(raw, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None,
@@ -312,17 +226,17 @@ accum = step_batches.accum   # micro-batches per process per step: StepBatches c
 loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
                                           persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
 if master:
-    ns = (opts[1].param_groups[0]['ns_dtype'] or str(ns_dtype(torch.device(device)))[6:]) if optimizer == 'muon' else ''
+    ns = (opts[1].param_groups[0]['ns_dtype'] or muon.ns_dtype(torch.device(device))) if optimizer == 'muon' else ''
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
           f'= batch {batch_size} | {device} {dtype}' + (f' | Newton-Schulz in {ns}' if ns else ''))
 
 
 @torch.no_grad()
 def update_ema(n_updates, ok):
-    """ok: a 0-dim 0/1 tensor, 0 for a skipped step, which leaves the EMA as it was: decided on the device."""
+    """ema += ok (1 - decay) (raw - ema); ok: a 0-dim 0/1 tensor, 0 for a skipped step, decided on the device."""
     decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
     ema_params = list(ema.parameters())
-    if device_type == 'cpu':   # ema += ok (1 - decay) (raw - ema) in one pass: 3x faster than the three below
+    if device_type == 'cpu':   # one pass: 3x faster than the three below
         torch._foreach_lerp_(ema_params, list(raw.parameters()), ok * (1 - decay))
         return
     # on a GPU not _foreach_lerp_, which would read its tensor weight back to the host (a sync a step)
@@ -331,58 +245,32 @@ def update_ema(n_updates, ok):
     torch._foreach_add_(ema_params, delta)
 
 
-def save_checkpoint():
-    torch.save({'model': raw.state_dict(), 'ema': ema.state_dict(), 'optimizers': [o.state_dict() for o in opts],
-                'step': step, 'config': config, 'model_args': model_args},
-               os.path.join(out_dir, 'ckpt.pt.tmp'))
-    os.replace(os.path.join(out_dir, 'ckpt.pt.tmp'), os.path.join(out_dir, 'ckpt.pt'))  # never a half-written ckpt
-    if keep_ckpts > 1:   # hard links: no copy, and deleting an old name never touches ckpt.pt
-        kept = os.path.join(out_dir, f'ckpt_{step:07d}.pt')
-        if not os.path.exists(kept):
-            os.link(os.path.join(out_dir, 'ckpt.pt'), kept)
-        for old in sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))[:-keep_ckpts]:
-            os.remove(os.path.join(out_dir, old))
+def optimizer_step():
+    """Clip, then step every optimizer unless the loss or a gradient is not finite. The skip is decided on the
+    device (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host sync;
+    DDP has all-reduced the gradients, so every rank skips together. Returns found_inf, 1 for a skipped step."""
+    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'),
+                                          foreach=True)   # on a CPU too: 1.2x faster than per tensor
+    found_inf = (~torch.isfinite(norm)).float()
+    for opt in opts:
+        opt.found_inf = found_inf
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return found_inf
 
 
-def eval_curve():
-    from eval import score
-    from sample import generate, to_uint8
-    from data import eval_prompts
-    prompts = eval_prompts(eval_n)
-    captions = [c for c, _ in prompts]
-    with torch.random.fork_rng(devices=[device] if device_type == 'cuda' else []), autocast:
-        gen = torch.Generator(device).manual_seed(seed)
-        imgs = generate(ema, encode, captions, image_size, eval_steps, cfg_scale, 1.0, t_shift, noise_scale, gen)
-    report = score(to_uint8(imgs), captions, [g for _, g in prompts])
-    row = {'step': step, 'eval': {g: {k: round(v, 3) for k, v in r.items() if v is not None} for g, r in report.items()}}
-    print(f"eval step {step}: correct {report['all']['correct']:.0%} (one {report['one']['correct']:.0%}, two "
-          f"{report['two']['correct']:.0%}, held-out {report['held_out']['correct']:.0%}) | " +
-          ' '.join(f"{k} {report['all'][k]:.0%}" for k in ('background', 'color', 'shape', 'size', 'position')),
-          flush=True)
-    log.write(json.dumps(row) + '\n')
-    log.flush()
-
-
-def write_sample_grid():
-    from sample import generate, save_grid
-    from data import eval_prompts
-    prompts = [c for c, _ in eval_prompts(16)]
-    gen = torch.Generator(device).manual_seed(seed)
-    with autocast:
-        imgs = generate(ema, encode, prompts, image_size, sample_steps, cfg_scale, 1.0, t_shift, noise_scale, gen)
-    save_grid(imgs, os.path.join(out_dir, f'samples_{step:06d}.png'))
-
-
-# -----------------------------------------------------------------------------
-# a resumed run goes on with its log; any other run starts a fresh one (two runs' rows in one log read as one run)
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w') if master else None
-t_start = t_log = time.time()
-steps_since_log = 0
-bad_steps = bad_in_row = 0
-bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by the loader, this process
-signalled = []  # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: signalled.append(signum))
+def count_skipped(skipped):
+    """Report the skipped steps among the last len(skipped) (found_inf of each); stop after max_bad_steps in a row."""
+    global bad_steps, bad_in_row
+    for s, bad in zip(range(step - len(skipped) + 1, step + 1), torch.stack(skipped).tolist()):
+        bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
+        if bad and master:
+            print(f'step {s}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
+            log.write(json.dumps({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
+        if bad_in_row >= max_bad_steps:
+            raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
+                             f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
+    skipped.clear()
 
 
 def stop_now():
@@ -397,9 +285,24 @@ def stop_now():
     return {0.0: None, 1.0: 'time_budget', 2.0: 'signal'}[code]
 
 
+def checkpoint():
+    save_checkpoint(out_dir, {'model': raw.state_dict(), 'ema': ema.state_dict(), 'step': step, 'config': config,
+                              'optimizers': [o.state_dict() for o in opts], 'model_args': model_args}, keep_ckpts)
+
+
+# ---- the loop ----
+# a resumed run goes on with its log; any other run starts a fresh one (two runs' rows in one log read as one run)
+log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w') if master else None
+t_start = t_log = time.time()
+steps_since_log = bad_steps = bad_in_row = 0
+bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by the loader, this process
+signalled = []  # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: signalled.append(signum))
 stopped_by = None
 stop_group = dist.new_group(backend='gloo') if ddp else None
-skipped = []   # per step since the last check: a 0-dim tensor, 1 if the step was skipped
+skipped = []   # found_inf of each step since the last log
+grid_prompts = None
 while step < max_iters and not (stopped_by := stop_now()):
     # linear warmup, then constant; a linear cooldown to 0 over the last cooldown_iters steps if set (WSD, Hagele
     # et al. 2024: a short run ends sharper for it)
@@ -423,39 +326,21 @@ while step < max_iters and not (stopped_by := stop_now()):
         if ddp:
             ddp_model.require_backward_grad_sync = k == accum - 1   # DDP all-reduces only on the last micro-batch
         with autocast:
-            loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, lpips_net, dino_net, teacher)
+            loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, patch_size, tread=route_ratio > 0,
+                                         lpips_net=lpips_net, dino_net=dino_net, repa_teacher=teacher)
         if step + 1 == fault_nan_step:
             loss = loss * float('nan')
         (loss / accum).backward()
         for name, v in parts.items():
             parts_sum[name] = parts_sum.get(name, 0) + v / accum
-    # A non-finite loss or gradient skips the update. DDP has all-reduced the gradients, so every rank sees the
-    # same norm and skips together; the step still counts (its batch is spent). The skip is decided on the device
-    # (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host sync;
-    # skipped steps are counted every log_interval steps.
-    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'),
-                                          foreach=True)   # on a CPU too: 1.2x faster than per tensor
-    found_inf = (~torch.isfinite(norm)).float()
-    for opt in opts:
-        opt.found_inf = found_inf
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    skipped.append(found_inf)
+    skipped.append(optimizer_step())   # the step still counts when skipped: its batch is spent
     step += 1
     steps_since_log += 1
     if step % ema_interval == 0:
-        update_ema(step // ema_interval - 1, 1 - found_inf)   # the number of EMA updates before this one (0: the first)
+        update_ema(step // ema_interval - 1, 1 - skipped[-1])   # the number of EMA updates before this one
     if step % log_interval == 0 or step == max_iters:   # every rank: they stop together
-        for s, bad in zip(range(step - len(skipped) + 1, step + 1), torch.stack(skipped).tolist()):
-            bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
-            if bad and master:
-                print(f'step {s}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
-                log.write(json.dumps({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
-            if bad_in_row >= max_bad_steps:
-                raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
-                                 f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
-        skipped.clear()
-        bad_total = bad_samples.to(device, copy=True)   # a copy: all_reduce works in place, and on the CPU .to() is a no-op
+        count_skipped(skipped)
+        bad_total = bad_samples.to(device, copy=True)   # a copy: all_reduce works in place
         if ddp:
             dist.all_reduce(bad_total)   # every rank logs on the same steps; tiny, and only every log_interval
     if master and (step % log_interval == 0 or step == max_iters):
@@ -471,15 +356,25 @@ while step < max_iters and not (stopped_by := stop_now()):
         log.flush()
         t_log, steps_since_log = time.time(), 0
     if master and eval_interval and (step % eval_interval == 0 or step == max_iters):
-        eval_curve()
+        from eval import learning_curve
+        with autocast:
+            row, line = learning_curve(ema, encode, eval_n, image_size, eval_steps, cfg_scale, t_shift, noise_scale, seed)
+        print(f'eval step {step}: {line}', flush=True)
+        log.write(json.dumps({'step': step, **row}) + '\n')
+        log.flush()
         t_log = time.time()  # keep ms_per_step a training number
     if master and sample_interval and step % sample_interval == 0:
-        write_sample_grid()
-        t_log = time.time()  # keep ms_per_step a training number
+        from sample import write_grid
+        from shapes import eval_prompts
+        with autocast:
+            write_grid(ema, encode, [c for c, _ in eval_prompts(16)], os.path.join(out_dir, f'samples_{step:06d}.png'),
+                       image_size, sample_steps, cfg_scale, t_shift, noise_scale, seed)
+        t_log = time.time()
     if master and ckpt_interval and step % ckpt_interval == 0:
-        save_checkpoint()
+        checkpoint()
         t_log = time.time()
 
+# ---- the end ----
 summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
 if stopped_by:
     summary['stopped_by'] = stopped_by   # resume with --init_from=resume
@@ -491,7 +386,7 @@ if ddp:  # a cheap desync check: every rank must hold rank 0's weights
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     summary['rank_weight_diff'] = diff.item()
 if master:
-    save_checkpoint()
+    checkpoint()
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)

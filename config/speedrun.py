@@ -5,7 +5,7 @@
 # On fewer GPUs the global batch stays 1024: train.py accumulates (micro_batch per GPU per forward).
 out_dir = 'out-speedrun'
 # three caption/image sets (1.7M, 6M, 1M images); point these at yours: folders, or tar shards as a glob or a
-# range like '/data/synthetic-6M/{00000..00599}.tar' (README, "Data"). Weighted by size: every image equally likely.
+# range like '/data/synthetic-6M/{00000..00599}.tar' (docs/data.md). Weighted by size: every image equally likely.
 data = {'/data/synthetic-1.7M': 1.7, '/data/synthetic-6M': 6.0, '/data/synthetic-1M': 1.0}
 min_image_size = 256      # more than 2x upscaling to 512px: skipped as bad
 text_cache = '/data/t5gemma-cache'   # written once by `python cache_text.py config/speedrun.py`; absent: on the fly
@@ -59,6 +59,7 @@ muon_lr = 1e-4
 muon_momentum = 0.95
 muon_adjust_lr = 'match_rms_adamw'
 muon_ns_steps = 5
+muon_ns_dtype = 'default'  # bfloat16 on a GPU
 muon_adaln = True         # all 2D matrices of the blocks, adaLN's included
 learning_rate = 1e-4
 betas = (0.9, 0.95)

@@ -2,3 +2,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def small(**kw):
+    """A DiTConfig of the shapes default's size (model.DiTConfig's own defaults are the speedrun's), with kw."""
+    from model import DiTConfig
+    return DiTConfig(**{**dict(patch_size=8, bottleneck=64, n_layer=4, n_head=4, n_embd=128, text_encoder='bytes',
+                               text_dim=128, text_len=96, route_ratio=0.0), **kw})

@@ -7,6 +7,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_keys(script='train.py'):
+    if script == 'train.py':
+        return set(train_defaults())
     tree = ast.parse(open(os.path.join(ROOT, script)).read())
     return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
 
@@ -47,3 +49,28 @@ def test_speedrun_says_the_recipe():
     s2 = {**c, **load('speedrun_1024.py')}
     assert (s2['image_size'], s2['batch_size'], s2['max_iters'] - c['max_iters'], s2['repa_weight']) == (1024, 512, 20_000, 0.0)
     assert s2['init_from'] == 'out-speedrun/ckpt.pt' and s2['out_dir'] != c['out_dir']
+
+
+def test_the_recipe_has_one_source():
+    """model.DiTConfig, losses.LossConfig and configure_optimizers hold the recipe's values; config/speedrun.py on
+    top of train.py's defaults (whose shapes departures it undoes) gives exactly those values."""
+    import inspect
+    from dataclasses import asdict
+    from losses import LossConfig
+    from model import DiT, DiTConfig
+    recipe = {**{k: v for k, v in asdict(DiTConfig()).items() if k not in ('repa_dim', 'text_dim')},
+              **asdict(LossConfig()),
+              **{k: p.default for k, p in inspect.signature(DiT.configure_optimizers).parameters.items()
+                 if k not in ('self', 'fused')}}
+    c = {**train_defaults(), **load('speedrun.py')}
+    assert {k: c[k] for k in recipe} == recipe
+
+
+def train_defaults():
+    """train.py's module-level config, as configure() sees it (without running the script past it)."""
+    src = open(os.path.join(ROOT, 'train.py')).read()
+    src = src[:src.index('from configurator import configure')]
+    scope = {}
+    exec(compile(src, 'train.py', 'exec'), scope)
+    from configurator import config_keys
+    return {k: scope[k] for k in config_keys(scope)}

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BACKGROUNDS, BAD_REASONS, BOS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, FileSource,
-                  HFTextEncoder, Mixture, StepBatches, TextCache, caption, eval_prompts, load_image, load_text_encoder,
-                  permute, render, sample_scene, shapes_example, tokenize_bytes)
+from data import BAD_REASONS, FileSource, Mixture, StepBatches, load_image, permute
+from shapes import BACKGROUNDS, COLORS, HELD_OUT, SHAPES, SIZES, WHERE, caption, eval_prompts, render, sample_scene, shapes_example
+from text import BOS, HFTextEncoder, TextCache, load_text_encoder, tokenize_bytes
 from make_shapes_data import write_shapes_data
 from model import ByteTextEncoder
+from conftest import small
 
 # ---- the shapes set ----
 
@@ -226,10 +227,10 @@ def test_load_text_encoder_bytes_returns_ids():
 
 
 def test_model_takes_frozen_states():
-    from model import DiT, DiTConfig
+    from model import DiT
     model, tok = tiny_t5()
     enc = HFTextEncoder('tiny-t5', 24, model=model, tokenizer=tok)
-    dit = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim))
+    dit = DiT(small(n_layer=2, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim))
     states, mask = enc(['a red circle', ''])
     x, _ = dit(torch.randn(2, 3, 32, 32), torch.rand(2), states, mask)
     assert x.shape == (2, 3, 32, 32) and dit.text_encoder is None
@@ -451,7 +452,7 @@ def test_a_source_with_too_many_bad_samples_stops_naming_it_and_the_reasons(tmp_
 
 def test_text_cache_gives_the_on_the_fly_states(tmp_path):
     from cache_text import build_cache
-    from model import DiT, DiTConfig
+    from model import DiT
     folder, _ = shapes_files(tmp_path, n=12)
     model, tok = tiny_t5()
     enc = HFTextEncoder('tiny-t5', 48, model=model, tokenizer=tok)
@@ -467,7 +468,7 @@ def test_text_cache_gives_the_on_the_fly_states(tmp_path):
     assert text[~mask].abs().max() == 0
     miss, _ = cache(['not in the data'])   # encoded on the fly
     assert cache.encoder is enc and torch.allclose(miss[0, :16], enc(['not in the data'])[0][0, :16])
-    dit = DiT(DiTConfig(n_layer=1, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim)).eval()
+    dit = DiT(small(n_layer=1, n_head=2, n_embd=32, text_encoder='tiny-t5', text_dim=enc.dim)).eval()
     z, t = torch.randn(13, 3, 16, 16), torch.rand(13)
     assert torch.allclose(dit(z, t, text, mask)[0], dit(z, t, ref, ref_mask)[0], atol=1e-2)   # pads are masked
     # resumable: a shard without its keys file (interrupted) is written again, the finished ones are kept

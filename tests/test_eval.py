@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import BACKGROUNDS, caption, eval_prompts, render, sample_scene, shapes_example, tokenize_bytes
-from eval import caption_group, load_dir, parse_caption, score, score_image, shape_confusion
+from eval import load_dir
+from shapes import (BACKGROUNDS, caption, caption_group, eval_prompts, parse_caption, render, sample_scene, score,
+                    score_image, shape_confusion, shapes_example)
+from text import tokenize_bytes
+from conftest import small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ('color', 'shape', 'size', 'position')
@@ -208,14 +211,15 @@ def test_from_t_samples_start_from_the_real_images():
     """eval.py's from_t: the sampler starts from each prompt's real image noised to from_t. An untrained pred='skip'
     model (zero head: it adds nothing to z) then hands back the real images near t = 1 and a blank from pure noise."""
     import torch
-    from data import eval_scenes, to_model_images
-    from model import DiT, DiTConfig
+    from data import to_model_images
+    from shapes import eval_scenes
+    from model import DiT
     from sample import generate, to_uint8
     scenes = eval_scenes(10)
     assert [(caption(s), g) for s, g in scenes] == eval_prompts(10)
     captions, groups = [caption(s) for s, _ in scenes], [g for _, g in scenes]
     starts = to_model_images(torch.from_numpy(np.stack([render(s, 64) for s, _ in scenes])))
-    model = DiT(DiTConfig(n_layer=1, n_head=2, n_embd=32, text_dim=32, bottleneck=16, pred='skip'))
+    model = DiT(small(n_layer=1, n_head=2, n_embd=32, text_dim=32, bottleneck=16, pred='skip'))
     encode = lambda caps: tokenize_bytes(caps, 96)
     for from_t, want in ((0.99, 1.0), (0.0, 0.0)):
         imgs = generate(model, encode, captions, 64, 5, 1.0, 1.0, 3.0, 1.0, torch.Generator().manual_seed(0),

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import model as model_module
-from data import tokenize_bytes
-from model import DiT, DiTConfig
+
+from text import tokenize_bytes
+from model import DiT
+from conftest import small
 
 CAPS = ['a small red circle in the center on a black background', 'a large blue square at the top on a gray background']
 
@@ -12,11 +14,23 @@ def tiny(**kw):
     torch.manual_seed(0)
     cfg = dict(patch_size=8, bottleneck=16, n_layer=4, n_head=2, n_embd=32, text_dim=32, text_layers=1)
     cfg.update(kw)
-    m = DiT(DiTConfig(**cfg))
+    m = DiT(small(**cfg))
     for p in m.parameters():  # leave the zero init (adaLN-zero, zero head), which would make every test trivial
         if p.ndim == 2 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.05)
     return m
+
+
+def draw_keeping(keep, N=16):
+    """A TREAD draw (B, N) whose lowest scores, in order, are the tokens keep (B, n_keep)."""
+    scores = torch.ones(keep.shape[0], N)
+    return scores.scatter(1, keep, torch.arange(keep.shape[1], dtype=torch.float).expand_as(keep) / N)
+
+
+def test_draw_keeping_keeps_those_tokens_in_that_order():
+    keep = torch.tensor([[3, 0, 9], [15, 1, 2]])
+    m = tiny(route_ratio=0.8)
+    assert torch.equal(m.tread_keep(draw_keeping(keep), 2, 16, 'cpu'), keep)
 
 
 def inputs(B=2, size=32):
@@ -26,7 +40,7 @@ def inputs(B=2, size=32):
 
 
 def test_zero_init_predicts_zero():
-    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, text_layers=1))
+    m = DiT(small(n_layer=2, n_head=2, n_embd=32, text_dim=32, text_layers=1))
     x, repa = m(*inputs())
     assert x.shape == (2, 3, 32, 32) and repa is None
     assert x.abs().max() == 0  # zero head: the first prediction is the mean image
@@ -74,12 +88,7 @@ def test_routed_tokens_skip_unchanged_and_return_to_their_places():
     m.blocks[3].register_forward_hook(lambda mod, inp, out: seen.__setitem__('routed', out))
     m.blocks[4].register_forward_pre_hook(lambda mod, inp: seen.__setitem__('after', inp[0]))
     keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
-    orig = model_module.route_keep
-    model_module.route_keep = lambda scores, n: keep
-    try:
-        m(z, t, ids, mask)
-    finally:
-        model_module.route_keep = orig
+    m(z, t, ids, mask, route=draw_keeping(keep))
     before, routed, after = seen['before'], seen['routed'], seen['after']
     assert routed.shape == (2, 8, 32)
     for b in range(2):
@@ -94,14 +103,7 @@ def test_kept_tokens_carry_their_own_rope_positions():
     m = tiny(route_ratio=0.5).train()
     z, t, ids, mask = inputs()
     keep = torch.stack([torch.randperm(16)[:8] for _ in range(2)])
-    orig = model_module.route_keep
-    outs = []
-    try:
-        for k in (keep, keep.flip(1)):
-            model_module.route_keep = lambda scores, n, k=k: k
-            outs.append(m(z, t, ids, mask)[0])
-    finally:
-        model_module.route_keep = orig
+    outs = [m(z, t, ids, mask, route=draw_keeping(k))[0] for k in (keep, keep.flip(1))]
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
@@ -128,12 +130,12 @@ def test_repa_tap_sees_kept_tokens_inside_the_route():
 
 def test_empty_route_is_an_error():
     with pytest.raises(ValueError, match=r'TREAD route blocks\[2:-1\] of 2 blocks is empty'):
-        DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, route_ratio=0.5, route_start=2, route_end=-1))
+        DiT(small(n_layer=2, n_head=2, n_embd=32, text_dim=32, route_ratio=0.5, route_start=2, route_end=-1))
 
 
 def test_pred_v_turns_the_velocity_into_the_clean_image():
     z, t, ids, mask = inputs()
-    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, pred='v'))
+    m = DiT(small(n_layer=2, n_head=2, n_embd=32, text_dim=32, pred='v'))
     torch.testing.assert_close(m(z, t, ids, mask)[0], z)   # zero head: v = 0, so x = z_t
     m = tiny(pred='v')
     net = tiny()(z, t, ids, mask)[0]   # the same weights predicting x directly

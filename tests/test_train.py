@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--max_iters=2', '--n_layer=2', '--n_head=2', '--n_embd=32', '--text_dim=32', '--text_layers=1', '--bottleneck=16',
@@ -110,8 +111,8 @@ def test_bad_batch_split_fails_clearly(tmp_path):
 
 
 def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
-    from model import DiT, DiTConfig
-    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32, repa_dim=16, repa_block=1))
+    from model import DiT
+    m = DiT(small(n_layer=2, n_head=2, n_embd=32, text_dim=32, repa_dim=16, repa_block=1))
     adam, muon = m.configure_optimizers('muon')
     names = {id(p): n for n, p in m.named_parameters()}
     in_muon = {names[id(p)] for p in muon.param_groups[0]['params']}
@@ -127,8 +128,8 @@ def test_muon_takes_the_blocks_matrices_and_adam_the_rest(tmp_path):
 def test_muon_adaln_off_leaves_the_modulation_to_adam():
     # the shapes default (muon_adaln=False): the blocks' adaLN matrices go to AdamW, every other block matrix to Muon,
     # and Muon runs the Newton-Schulz steps it is given
-    from model import DiT, DiTConfig
-    m = DiT(DiTConfig(n_layer=2, n_head=2, n_embd=32, text_dim=32))
+    from model import DiT
+    m = DiT(small(n_layer=2, n_head=2, n_embd=32, text_dim=32))
     adam, muon = m.configure_optimizers('muon', muon_adaln=False, muon_ns_steps=3)
     names = {id(p): n for n, p in m.named_parameters()}
     in_muon = {names[id(p)] for p in muon.param_groups[0]['params']}

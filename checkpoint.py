@@ -1,0 +1,113 @@
+"""
+Checkpoints: what train.py writes and resumes, and what sample.py and export.py read. One file, out_dir/ckpt.pt:
+the raw and EMA weights, the optimizers' states, the step, the run's config and its model's shape (model_args).
+
+    init_from='resume'       continue out_dir's own run: everything as it was
+    init_from='x/ckpt.pt'    a new stage from that run (the speedrun's 1024px stage 2): its weights, EMA, optimizer
+                             state and step; routing, the REPA tap and REPA itself may change, nothing else of the model
+"""
+import os
+import pickle
+
+import torch
+
+from model import DiT, DiTConfig
+
+PER_STAGE = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim')   # what a new stage may change
+
+
+def load_checkpoint(path):
+    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from someone
+    else cannot run code while it is read (a full unpickle can)."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f'{path}: refused, it holds more than tensors and plain types (weights_only=True): '
+                         f'{str(e).splitlines()[0]}')
+
+
+def checkpoint_of(out_dir):
+    """out_dir/ckpt.pt, or a clear exit when the run has none."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise SystemExit(f'no checkpoint at {path}: train first (python train.py --out_dir={out_dir})')
+    return path
+
+
+def init_errors(init_from, out_dir):
+    """What is wrong with init_from, before any work."""
+    own = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume' and not os.path.isfile(own):
+        return [f'init_from=resume but there is no {own}']
+    if init_from in ('scratch', 'resume'):
+        return []
+    if not os.path.isfile(init_from):
+        return [f"init_from={init_from!r}: want 'scratch', 'resume' or the path of a checkpoint file, and there is "
+                'no such file']
+    if os.path.abspath(init_from) == os.path.abspath(own):
+        return [f"init_from={init_from!r} is out_dir's own checkpoint, which this run would overwrite: use "
+                "init_from='resume' to continue it, or another out_dir for a new stage"]
+    return []
+
+
+def save_checkpoint(out_dir, ckpt, keep=1):
+    """Write ckpt (a dict with 'step') as out_dir/ckpt.pt, atomically: a crash mid-write never leaves half a file.
+    keep > 1 also keeps the `keep` latest as ckpt_0001000.pt, ... (hard links: no copy, and deleting an old name
+    never touches ckpt.pt)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    if keep > 1:
+        kept = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
+        if not os.path.exists(kept):
+            os.link(path, kept)
+        for old in sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))[:-keep]:
+            os.remove(os.path.join(out_dir, old))
+
+
+def optimizer_split(config):
+    """How a run shares the parameters between AdamW and Muon, in words (a checkpoint from before these keys: AdamW
+    only, or Muon with the adaLN matrices)."""
+    o = config.get('optimizer', 'adamw')
+    return f'optimizer={o!r}' + (f", muon_adaln={config.get('muon_adaln', True)}" if o == 'muon' else '')
+
+
+def stage_errors(ckpt, model_args, config, init_from):
+    """Why this run cannot go on from ckpt: another model shape, or another AdamW/Muon split (the optimizer states
+    are loaded one to one). An empty list when it can."""
+    differ = [f'{k}={model_args[k]!r} (checkpoint: {v!r})' for k, v in ckpt['model_args'].items()
+              if k not in PER_STAGE and model_args.get(k) != v]
+    errors = [f"init_from={init_from}: the model differs from the checkpoint's: " + ', '.join(differ)] if differ else []
+    if optimizer_split(ckpt['config']) != optimizer_split(config):
+        errors.append(f"init_from={init_from}: the checkpoint was trained with {optimizer_split(ckpt['config'])}; pass "
+                      'the same (--optimizer=... --muon_adaln=...) to go on from its optimizer state')
+    return errors
+
+
+def drop_repa(ckpt):
+    """Stage 2 turns REPA off: the projector's weights leave the model and EMA, and its Adam state leaves AdamW's,
+    found by name (the optimizer state dict numbers its parameters in optimizer_split's order)."""
+    old = ckpt['config']
+    with torch.device('meta'):   # the names only: no memory, no init work
+        model = DiT(DiTConfig(**ckpt['model_args']))
+    adam_names, _ = model.optimizer_split(old.get('optimizer', 'adamw'), old.get('muon_adaln', True))
+    for sd in (ckpt['model'], ckpt['ema']):
+        for k in [k for k in sd if k.startswith('repa_proj.')]:
+            del sd[k]
+    adam = ckpt['optimizers'][0]
+    group = adam['param_groups'][0]
+    gone = {i for i, name in zip(group['params'], adam_names) if name.startswith('repa_proj.')}
+    group['params'] = [i for i in group['params'] if i not in gone]
+    for i in gone:
+        adam['state'].pop(i, None)
+
+
+def restore(ckpt, raw, ema, opts):
+    """Load ckpt into the model, its EMA and the optimizers; returns the step to go on from."""
+    if raw.repa_proj is None and any(k.startswith('repa_proj.') for k in ckpt['model']):
+        drop_repa(ckpt)
+    raw.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    for opt, sd in zip(opts, ckpt['optimizers']):
+        opt.load_state_dict(sd)
+    return ckpt['step']
