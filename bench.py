@@ -21,7 +21,7 @@ device copy, and its wait on the loader when num_workers > 0), forward (the deno
 calls, inside the forward: no-grad features and the perceptual nets on the prediction), backward, adam (with
 clipping) and muon; times come from CUDA events on a GPU, so the split adds no host sync.
 
-FLOPs (what MFU counts): matmuls only, 2 per multiply-add, per image: 3x the denoiser's forward (DiT.flops_per_image;
+FLOPs (what MFU counts): matmuls only, 2 per multiply-add, per image: 3x the denoiser's forward (flops_per_image;
 the backward costs 2 forwards); the REPA teacher 1x (no gradient); DINOv2 and LPIPS 3x (the target's forward, and the
 prediction's forward and backward to its input). tests/test_bench.py checks the teachers' counts against
 torch.utils.flop_counter.
@@ -82,6 +82,33 @@ SWITCHES = {'plain', 'tread', 'repa', 'lpips', 'dino', 'all', 'muon', 'muon_loop
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'H20': 148.0, 'A100': 312.0, 'B200': 2250.0}   # bf16 dense, SXM
 
 
+def flops_per_image(model, image_size, text_len):
+    """Matmul FLOPs (2 per multiply-add) of one image's training-mode forward, TREAD's routing included, as
+    torch.utils.flop_counter counts them (tests/test_bench.py: within 5%). text_len: the frozen encoder's tokens
+    (its own forward is not counted: the speedrun caches text embeddings); the bytes encoder has its word slots.
+    A training step costs 3x this: the backward computes gradients of both inputs and weights."""
+    cfg, d, p = model.cfg, model.cfg.n_embd, model.cfg.patch_size
+    N = (image_size // p) ** 2                                       # image tokens
+    hidden = model.blocks[0].mlp_out.in_features
+    L, w = text_len, cfg.text_dim
+    macs = N * (3 * p * p * cfg.bottleneck + cfg.bottleneck * d)     # bottleneck patch embedding
+    if model.text_encoder is not None:
+        L = model.text_encoder.word_pos.num_embeddings
+        macs += cfg.text_layers * L * (12 * w * w + 2 * L * w)       # qkv, out, 4x MLP; scores and values
+        macs += L * cfg.text_window * w * w                          # the word window
+    macs += L * w * d + 256 * d + d * d + (2 * d * d if cfg.text_pool else 0)   # text_proj, t_embed, text_pool
+    n_keep = max(1, round(N * (1 - cfg.route_ratio)))
+    for i in range(cfg.n_layer):
+        n = n_keep if cfg.route_ratio > 0 and i in model.route else N
+        macs += 6 * d * d + 2 * L * d * d                            # adaLN, the block's text K/V
+        macs += n * (4 * d * d + 3 * d * hidden)                     # q, kv, proj, SwiGLU in and out
+        macs += 2 * n * (L + n) * d                                  # attention: scores and values on [text; image]
+        if model.repa_proj is not None and i + 1 == cfg.repa_block:
+            macs += n * sum(m.in_features * m.out_features for m in model.repa_proj if isinstance(m, nn.Linear))
+    macs += 2 * d * d + N * d * 3 * p * p                            # adaLN and the head
+    return 2 * macs
+
+
 def switches(variant):
     on = set(variant.split('+'))
     if on - SWITCHES:
@@ -114,7 +141,7 @@ def vgg_flops(lpips_net, image_size):
 
 def step_flops(raw, on, teacher, lpips_net, dino_net):
     """Training FLOPs of one image (the conventions in the docstring above)."""
-    flops = 3 * raw.flops_per_image(image_size, text_len)
+    flops = 3 * flops_per_image(raw, image_size, text_len)
     if 'repa' in on:
         flops += vit_flops(teacher, image_size // patch_size * teacher.patch_embed.patch_size[0])
     if 'dino' in on:

@@ -1,10 +1,12 @@
 """
-Checkpoints: what train.py writes and resumes, and what sample.py and export.py read. One file, out_dir/ckpt.pt:
-the raw and EMA weights, the optimizers' states, the step, the run's config and its model's shape (model_args).
+Checkpoints: what train.py writes and resumes, and what sample.py and export.py read. One file,
+out_dir/ckpt.pt: the raw and EMA weights, the optimizers' states, the step, the run's config and its model's
+shape (model_args).
 
     init_from='resume'       continue out_dir's own run: everything as it was
-    init_from='x/ckpt.pt'    a new stage from that run (the speedrun's 1024px stage 2): its weights, EMA, optimizer
-                             state and step; routing, the REPA tap and REPA itself may change, nothing else of the model
+    init_from='x/ckpt.pt'    a new stage from that run (the speedrun's 1024px stage 2): its weights, EMA,
+                             optimizer state and step; routing, the REPA tap and REPA itself may change,
+                             nothing else of the model
 """
 import os
 import pickle
@@ -13,14 +15,17 @@ import torch
 
 from model import DiT, DiTConfig
 
-PER_STAGE = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim')   # what a new stage may change
+# what a new stage may change
+PER_STAGE = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim')
 
 
 def load_checkpoint(path):
-    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from someone
-    else cannot run code while it is read (a full unpickle can)."""
+    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from
+    someone else cannot run code while it is read (a full unpickle can)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        # mmap: tensors are read from the file as they are copied into place, not all held in memory at once
+        # (8 ranks of a node each holding a whole speedrun checkpoint would be about 48 GB)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise SystemExit(f'{path}: refused, it holds more than tensors and plain types (weights_only=True): '
                          f'{str(e).splitlines()[0]}')
@@ -42,8 +47,8 @@ def init_errors(init_from, out_dir):
     if init_from in ('scratch', 'resume'):
         return []
     if not os.path.isfile(init_from):
-        return [f"init_from={init_from!r}: want 'scratch', 'resume' or the path of a checkpoint file, and there is "
-                'no such file']
+        return [f"init_from={init_from!r}: want 'scratch', 'resume' or the path of a checkpoint file, and "
+                'there is no such file']
     if os.path.abspath(init_from) == os.path.abspath(own):
         return [f"init_from={init_from!r} is out_dir's own checkpoint, which this run would overwrite: use "
                 "init_from='resume' to continue it, or another out_dir for a new stage"]
@@ -51,9 +56,9 @@ def init_errors(init_from, out_dir):
 
 
 def save_checkpoint(out_dir, ckpt, keep=1):
-    """Write ckpt (a dict with 'step') as out_dir/ckpt.pt, atomically: a crash mid-write never leaves half a file.
-    keep > 1 also keeps the `keep` latest as ckpt_0001000.pt, ... (hard links: no copy, and deleting an old name
-    never touches ckpt.pt)."""
+    """Write ckpt (a dict with 'step') as out_dir/ckpt.pt, atomically: a crash mid-write never leaves half a
+    file. keep > 1 also keeps the `keep` latest as ckpt_0001000.pt, ... (hard links: no copy, and deleting an
+    old name never touches ckpt.pt)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     torch.save(ckpt, path + '.tmp')
     os.replace(path + '.tmp', path)
@@ -61,32 +66,35 @@ def save_checkpoint(out_dir, ckpt, keep=1):
         kept = os.path.join(out_dir, f"ckpt_{ckpt['step']:07d}.pt")
         if not os.path.exists(kept):
             os.link(path, kept)
-        for old in sorted(f for f in os.listdir(out_dir) if f.startswith('ckpt_') and f.endswith('.pt'))[:-keep]:
+        for old in sorted(f for f in os.listdir(out_dir)
+                          if f.startswith('ckpt_') and f.endswith('.pt'))[:-keep]:
             os.remove(os.path.join(out_dir, old))
 
 
 def optimizer_split(config):
-    """How a run shares the parameters between AdamW and Muon, in words (a checkpoint from before these keys: AdamW
-    only, or Muon with the adaLN matrices)."""
+    """How a run shares the parameters between AdamW and Muon, in words (a checkpoint from before these keys:
+    AdamW only, or Muon with the adaLN matrices)."""
     o = config.get('optimizer', 'adamw')
     return f'optimizer={o!r}' + (f", muon_adaln={config.get('muon_adaln', True)}" if o == 'muon' else '')
 
 
 def stage_errors(ckpt, model_args, config, init_from):
-    """Why this run cannot go on from ckpt: another model shape, or another AdamW/Muon split (the optimizer states
-    are loaded one to one). An empty list when it can."""
+    """Why this run cannot go on from ckpt: another model shape, or another AdamW/Muon split (the optimizer
+    states are loaded one to one). An empty list when it can."""
     differ = [f'{k}={model_args[k]!r} (checkpoint: {v!r})' for k, v in ckpt['model_args'].items()
               if k not in PER_STAGE and model_args.get(k) != v]
-    errors = [f"init_from={init_from}: the model differs from the checkpoint's: " + ', '.join(differ)] if differ else []
+    errors = ([f"init_from={init_from}: the model differs from the checkpoint's: " + ', '.join(differ)]
+              if differ else [])
     if optimizer_split(ckpt['config']) != optimizer_split(config):
-        errors.append(f"init_from={init_from}: the checkpoint was trained with {optimizer_split(ckpt['config'])}; pass "
-                      'the same (--optimizer=... --muon_adaln=...) to go on from its optimizer state')
+        errors.append(f"init_from={init_from}: the checkpoint was trained with "
+                      f"{optimizer_split(ckpt['config'])}; pass the same (--optimizer=... --muon_adaln=...) "
+                      'to go on from its optimizer state')
     return errors
 
 
 def drop_repa(ckpt):
-    """Stage 2 turns REPA off: the projector's weights leave the model and EMA, and its Adam state leaves AdamW's,
-    found by name (the optimizer state dict numbers its parameters in optimizer_split's order)."""
+    """Stage 2 turns REPA off: the projector's weights leave the model and EMA, and its Adam state leaves
+    AdamW's, found by name (the optimizer state dict numbers its parameters in optimizer_split's order)."""
     old = ckpt['config']
     with torch.device('meta'):   # the names only: no memory, no init work
         model = DiT(DiTConfig(**ckpt['model_args']))
@@ -102,12 +110,23 @@ def drop_repa(ckpt):
         adam['state'].pop(i, None)
 
 
-def restore(ckpt, raw, ema, opts):
-    """Load ckpt into the model, its EMA and the optimizers; returns the step to go on from."""
+def restore(ckpt, raw, ema, opts, keep=('ns_dtype',)):
+    """Load ckpt into the model, its EMA and the optimizers. The optimizers' settings stay this run's (a state
+    dict would bring back the checkpoint's lr, betas, momentum, ...), but for the names in keep, taken from
+    the checkpoint. Returns (step, samples seen, ['name: checkpoint's -> this run's' of each changed setting])."""
     if raw.repa_proj is None and any(k.startswith('repa_proj.') for k in ckpt['model']):
         drop_repa(ckpt)
     raw.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
+    changed = []
     for opt, sd in zip(opts, ckpt['optimizers']):
+        ours = [{k: v for k, v in g.items() if k != 'params' and k not in keep} for g in opt.param_groups]
         opt.load_state_dict(sd)
-    return ckpt['step']
+        for group, settings in zip(opt.param_groups, ours):
+            # base_lr is train.py's configured lr; lr itself is the schedule's of the moment
+            changed += [f"{type(opt).__name__} {'lr' if k == 'base_lr' else k}: {group.get(k)!r} -> {v!r}"
+                        for k, v in settings.items() if k != 'lr' and group.get(k) != v]
+            group.update(settings)
+    # samples seen: checkpoints from before this key never changed batch size within a stage
+    samples = ckpt.get('samples', ckpt['step'] * ckpt['config'].get('batch_size', 0))
+    return ckpt['step'], samples, changed

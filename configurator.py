@@ -23,11 +23,13 @@ def config_keys(scope):
 def _check(key, value, defaults, source):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(defaults))}"
+        hint = (f"; did you mean {', '.join(close)}?" if close
+                else f"; valid keys: {', '.join(sorted(defaults))}")
         sys.exit(f"config error: unknown key '{key}' (from {source}){hint}")
     want = type(defaults[key])
     ok = (defaults[key] is None or value is None or type(value) is want
-          or (want is float and type(value) is int) or (want in (tuple, list) and type(value) in (tuple, list)))
+          or (want is float and type(value) is int)
+          or (want in (tuple, list) and type(value) in (tuple, list)))
     if not ok:
         sys.exit(f"config error: {key}={value!r} (from {source}) is a {type(value).__name__}, "
                  f"but its default {defaults[key]!r} is a {want.__name__}")
@@ -35,7 +37,8 @@ def _check(key, value, defaults, source):
 
 def configure(scope, argv=None, files_may_set_others=False):
     """Apply config files and --key=value overrides to `scope` (a script's globals()); return the config dict.
-    files_may_set_others: a config file's keys that `scope` lacks are skipped (cache_text.py reads train.py's files)."""
+    files_may_set_others: a config file's keys that `scope` lacks are skipped
+    (cache_text.py reads train.py's files)."""
     keys = config_keys(scope)
     defaults = {k: scope[k] for k in keys}
     for arg in (sys.argv[1:] if argv is None else argv):

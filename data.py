@@ -1,6 +1,6 @@
 """
-Data: folders and tar shards of captioned images, indexed once and read by offset; a weighted mixture of them (or
-the built-in shapes set, shapes.py); the loader that cuts each step's global batch over processes.
+Data: folders and tar shards of captioned images, indexed once and read by offset; a weighted mixture of them
+(or the built-in shapes set, shapes.py); the loader that cuts each step's global batch over processes.
 """
 import glob
 import hashlib
@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tarfile
 
 import numpy as np
@@ -20,10 +21,10 @@ from PIL import Image
 from shapes import ShapesSource
 
 # ---- data sources ----
-# A `data` key is 'shapes', a folder, or tar shards (a glob or a brace range, 'data/{00000..00127}.tar'). Folders and
-# shards are indexed once (every sample's file, byte offset and length, in .npy files beside the data) and read by
-# offset; the index is memory-mapped, so a DataLoader worker holds no per-sample Python objects (8.7M captions as
-# Python strings would be gigabytes in every worker).
+# A `data` key is 'shapes', a folder, or tar shards (a glob or a brace range, 'data/{00000..00127}.tar').
+# Folders and shards are indexed once (every sample's file, byte offset and length, in .npy files beside the
+# data) and read by offset; the index is memory-mapped, so a DataLoader worker holds no per-sample Python
+# objects (8.7M captions as Python strings would be gigabytes in every worker).
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 BAD_REASONS = ('unreadable_file', 'empty_file', 'corrupt_image', 'truncated_image', 'too_big', 'too_small',
@@ -41,13 +42,14 @@ def shard_paths(pattern):
     """'data/{00000..00127}.tar' (every shard of the range, present or not) or a glob -> sorted paths."""
     m = re.search(r'\{(\d+)\.\.(\d+)\}', pattern)
     if m:
-        return [pattern[:m.start()] + str(i).zfill(len(m[1])) + pattern[m.end():] for i in range(int(m[1]), int(m[2]) + 1)]
+        return [pattern[:m.start()] + str(i).zfill(len(m[1])) + pattern[m.end():]
+                for i in range(int(m[1]), int(m[2]) + 1)]
     return sorted(glob.glob(pattern))
 
 
 def index_folder(root):
-    """(rows, names) of a folder: its metadata.jsonl if there is one, else every image below it (recursively) with the
-    same-stem .txt or .json caption. Hidden folders (the index's own) are skipped."""
+    """(rows, names) of a folder: its metadata.jsonl if there is one, else every image below it (recursively)
+    with the same-stem .txt or .json caption. Hidden folders (the index's own) are skipped."""
     names, rows = [], []
     meta = os.path.join(root, 'metadata.jsonl')
     if os.path.isfile(meta):
@@ -79,7 +81,8 @@ def index_folder(root):
             if cap:
                 names.append(cap)
             img = len(names) - 1 - bool(cap)
-            rows.append((img, 0, -1, len(names) - 1 if cap else -1, 0, -1, bool(cap and cap.endswith('.json'))))
+            rows.append((img, 0, -1, len(names) - 1 if cap else -1, 0, -1,
+                         bool(cap and cap.endswith('.json'))))
     return rows, names
 
 
@@ -91,27 +94,31 @@ def index_shards(paths, root):
         names.append(os.path.relpath(path, root))
         samples = {}   # key -> {ext: (offset, size)}, in tar order
         try:
-            with tarfile.open(path, 'r:') as tar:   # tarfile seeks over member data: reading the headers is cheap
+            # tarfile seeks over member data: reading the headers is cheap
+            with tarfile.open(path, 'r:') as tar:
                 for m in tar:
                     if m.isfile():
                         d, base = os.path.split(m.name)
                         stem, _, ext = base.partition('.')
                         samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
-        except tarfile.TarError as e:   # a shard cut short (an interrupted copy): keep what came before the damage
+        except tarfile.TarError as e:
+            # a shard cut short (an interrupted copy): keep what came before the damage
             print(f'\n{path} is damaged ({e}): {len(samples)} samples read before it')
         for parts in samples.values():
             img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
             cap = parts.get('txt') or parts.get('json')
             if img:
-                rows.append((s, *img, s if cap else -1, *(cap or (0, -1)), 'txt' not in parts and cap is not None))
+                rows.append((s, *img, s if cap else -1, *(cap or (0, -1)),
+                             'txt' not in parts and cap is not None))
         print(f'\rindexing {path}: shard {s + 1}/{len(paths)}, {len(rows)} samples', end='', flush=True)
     print()
     return rows, names
 
 
 def open_index(key):
-    """(samples, names blob, name ends, root) of a folder or shard set: the index beside the data, built on first use
-    (in ~/.cache/pixelrun if the data's folder is read-only). A shard set whose files changed size is indexed again."""
+    """(samples, names blob, name ends, root) of a folder or shard set: the index beside the data, built on
+    first use (in ~/.cache/pixelrun if the data's folder is read-only). A shard set whose files changed size
+    is indexed again."""
     if os.path.isdir(key):
         root, paths, where = key, None, os.path.join(key, '.pixelrun-index')
     else:
@@ -122,9 +129,11 @@ def open_index(key):
         tag = hashlib.sha1('\n'.join(os.path.relpath(p, root) for p in paths).encode()).hexdigest()[:12]
         where = os.path.join(root, f'.pixelrun-index-{tag}')
     sizes = [os.path.getsize(p) for p in paths] if paths else None
-    fallback = os.path.join(os.path.expanduser('~/.cache/pixelrun'), hashlib.sha1(os.path.abspath(key).encode()).hexdigest())
+    fallback = os.path.join(os.path.expanduser('~/.cache/pixelrun'),
+                            hashlib.sha1(os.path.abspath(key).encode()).hexdigest())
     for d in (where, fallback):
-        if os.path.isfile(os.path.join(d, 'meta.json')) and json.load(open(os.path.join(d, 'meta.json')))['sizes'] == sizes:
+        if (os.path.isfile(os.path.join(d, 'meta.json'))
+                and json.load(open(os.path.join(d, 'meta.json')))['sizes'] == sizes):
             break
     else:
         rows, names = index_folder(key) if paths is None else index_shards(paths, root)
@@ -147,7 +156,8 @@ def open_index(key):
 
 
 def to_rgb(img):
-    """Any mode Pillow opens -> RGB: transparency composited on white, 16-bit grey scaled (convert() would clip)."""
+    """Any mode Pillow opens -> RGB: transparency composited on white, 16-bit grey
+    scaled (convert() would clip)."""
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I'):
         img = Image.fromarray((np.asarray(img) >> 8).clip(0, 255).astype(np.uint8))
     if img.mode == 'P':
@@ -158,19 +168,21 @@ def to_rgb(img):
 
 
 def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False):
-    """Image file bytes -> uint8 (size, size, 3): shorter side resized to `size`, a centre crop (random_crop: a
-    random one), mirrored half the time with hflip; rng (a random.Random) draws both. Raises BadSample."""
+    """Image file bytes -> uint8 (size, size, 3): shorter side resized to `size`, a centre crop (random_crop:
+    a random one), mirrored half the time with hflip; rng (a random.Random) draws both. Raises BadSample."""
     if not data:
         raise BadSample('empty_file')
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if w * h > Image.MAX_IMAGE_PIXELS:   # Pillow itself only refuses (DecompressionBombError) at twice this
+        # Pillow itself only refuses (DecompressionBombError) at twice this
+        if w * h > Image.MAX_IMAGE_PIXELS:
             raise BadSample('too_big')
         if min(w, h) < min_size:
             raise BadSample('too_small')
-        # JPEG: the decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), keeping both sides >= size. A
-        # 1024px source decodes at 512px for a quarter of the work; the main lever for 200 images/s per core
+        # JPEG: the decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), keeping both sides
+        # >= size. A 1024px source decodes at 512px for a quarter of the work; the main lever for 200 images/s
+        # per core
         img.draft('RGB', (size, size))
         img.load()   # decode here, where a broken file is caught
         img = to_rgb(img)
@@ -182,10 +194,11 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
         raise BadSample('truncated_image' if 'truncated' in str(e) else 'corrupt_image')
     w, h = img.size   # the draft's
     m = min(w, h)
-    left, top = (rng.random() * (w - m), rng.random() * (h - m)) if random_crop else ((w - m) / 2, (h - m) / 2)
-    # only the crop is resampled: after decoding, the loader's main cost. Shrinking, the box filter (each output pixel
-    # the area average of the source pixels it covers: a sound antialiasing filter) is the cheapest, bicubic costs
-    # about twice bilinear (BENCHMARKS.md); enlarging, box would be blocky: bilinear
+    left, top = ((rng.random() * (w - m), rng.random() * (h - m)) if random_crop
+                 else ((w - m) / 2, (h - m) / 2))
+    # only the crop is resampled: after decoding, the loader's main cost. Shrinking, the box filter (each
+    # output pixel the area average of the source pixels it covers: a sound antialiasing filter) is the
+    # cheapest, bicubic costs about twice bilinear (BENCHMARKS.md); enlarging, box would be blocky: bilinear
     resample = Image.BOX if m >= size else Image.BILINEAR
     img = img.resize((size, size), resample, box=(left, top, left + m, top + m))
     if hflip and rng.random() < 0.5:
@@ -194,8 +207,8 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
 
 
 def read_caption(data, is_json):
-    """Caption file bytes (None: no caption file) -> str; a .json (img2dataset's) or metadata.jsonl line holds it under
-    'caption' or 'text'. Raises BadSample."""
+    """Caption file bytes (None: no caption file) -> str; a .json (img2dataset's) or metadata.jsonl line holds
+    it under 'caption' or 'text'. Raises BadSample."""
     if data is None:
         raise BadSample('no_caption')
     try:
@@ -213,14 +226,17 @@ def read_caption(data, is_json):
 
 
 class FileSource:
-    """A folder or a tar shard set, read by offset through its index: j -> (uint8 image, caption) or BadSample."""
+    """A folder or a tar shard set, read by offset through its index:
+    j -> (uint8 image, caption) or BadSample."""
 
     def __init__(self, key, size, min_size=0, random_crop=False, hflip=False):
-        self.key, self.size, self.min_size, self.random_crop, self.hflip = key, size, min_size, random_crop, hflip
+        self.key, self.size, self.min_size, self.random_crop, self.hflip = (
+            key, size, min_size, random_crop, hflip)
         self.samples, self.names, self.name_ends, self.root = open_index(key)
         if not len(self.samples):
             raise ValueError(f'data source {key!r} holds no images')
-        self.fds = {}   # file descriptors; os.pread needs no shared file position, so forked workers may share them
+        # file descriptors; os.pread needs no shared file position, so forked workers may share them
+        self.fds = {}
 
     def __len__(self):
         return len(self.samples)
@@ -246,8 +262,8 @@ class FileSource:
 
     def caption(self, j):
         r = self.samples[j]
-        return read_caption(self.read(r['cap_file'], r['cap_off'], r['cap_len']) if r['cap_file'] >= 0 else None,
-                            r['cap_json'])
+        return read_caption(self.read(r['cap_file'], r['cap_off'], r['cap_len'])
+                            if r['cap_file'] >= 0 else None, r['cap_json'])
 
     def get(self, j, rng):
         r = self.samples[j]
@@ -258,7 +274,8 @@ class FileSource:
 
 
 def mix64(x):
-    """splitmix64's finaliser: a well-mixed 64-bit hash of an integer, the same in every process and Python."""
+    """splitmix64's finaliser: a well-mixed 64-bit hash of an integer,
+    the same in every process and Python."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -266,9 +283,9 @@ def mix64(x):
 
 
 def permute(j, n, key):
-    """Position j of a pseudo-random permutation of range(n) chosen by `key`, in O(1) memory (a stored permutation of
-    6M samples would be 48 MB per worker): a 4-round Feistel network on the smallest power of 4 >= n, repeated until
-    the result falls inside range(n) (cycle walking; at most 4 tries on average)."""
+    """Position j of a pseudo-random permutation of range(n) chosen by `key`, in O(1) memory (a stored
+    permutation of 6M samples would be 48 MB per worker): a 4-round Feistel network on the smallest power of
+    4 >= n, repeated until the result falls inside range(n) (cycle walking; at most 4 tries on average)."""
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
     while True:
@@ -280,27 +297,30 @@ def permute(j, n, key):
             return j
 
 
-BLOCK = 1 << 16   # the mixture is dealt in blocks of this many samples, each holding every source's exact share
+BLOCK = 1 << 16   # the mixture is dealt in blocks of this many samples, each with every source's exact share
 MAX_TRIES = 100   # bad samples in a row before a source is given up on
 
 
 class Mixture:
-    """Weighted mixture of sources, deterministic by (seed, index): {'shapes': 1.0} or {folder or shards: weight, ...}.
-    Global sample i -> (uint8 image, caption, [(source, reason index) of each bad sample skipped on the way]).
+    """Weighted mixture of sources, deterministic by (seed, index): {'shapes': 1.0} or {folder or shards:
+    weight, ...}. Global sample i -> (uint8 image, caption, [(source, reason index) of each bad sample skipped
+    on the way]).
 
-    Sources take turns by weight: every block of BLOCK samples holds each source's share (largest remainder) in a
-    random order, so the n-th draw from source k is known from i alone. Draw n of a source of N samples is position
-    n % N of epoch n // N's permutation: every sample once per epoch, a fresh order each epoch. A bad sample is
-    counted and replaced by the next position of the same permutation; a source with more than max_bad_fraction bad
-    reads (once a worker has read min(its size, 10000)) stops the run."""
+    Sources take turns by weight: every block of BLOCK samples holds each source's share (largest remainder)
+    in a random order, so the n-th draw from source k is known from i alone. Draw n of a source of N samples
+    is position n % N of epoch n // N's permutation: every sample once per epoch, a fresh order each epoch. A
+    bad sample is counted and replaced by the next position of the same permutation; a source with more than
+    max_bad_fraction bad reads (once a worker has read min(its size, 10000)) stops the run."""
 
     @staticmethod
     def config_errors(data, max_bad_fraction=1.0):
-        """What is wrong with a `data` config before anything is read: every source must exist, every weight > 0."""
+        """What is wrong with a `data` config before anything is read: every source must exist,
+        every weight > 0."""
         if not isinstance(data, dict) or not data:
             return [f"data={data!r}, want {{'shapes': 1.0}} or {{folder or shards: weight, ...}}"]
-        errors = [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a {{00000..00127}} '
-                  f"range, or the built-in 'shapes')" for k in data if k != 'shapes' and not os.path.isdir(k)
+        errors = [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a '
+                  f"{{00000..00127}} range, or the built-in 'shapes')"
+                  for k in data if k != 'shapes' and not os.path.isdir(k)
                   and not (shard_paths(k) and all(os.path.isfile(p) for p in shard_paths(k)))]
         errors += [f'data weight {k!r}: {w!r}, want a number > 0' for k, w in data.items()
                    if not isinstance(w, (int, float)) or w <= 0]
@@ -312,13 +332,14 @@ class Mixture:
         if not data:
             raise ValueError("data is empty: give {'shapes': 1.0} or {path: weight, ...}")
         self.keys = list(data)
-        self.sources = [ShapesSource(size, seed) if k == 'shapes' else FileSource(k, size, min_size, random_crop, hflip)
-                        for k in data]
+        self.sources = [ShapesSource(size, seed) if k == 'shapes'
+                        else FileSource(k, size, min_size, random_crop, hflip) for k in data]
         share = np.array([float(w) for w in data.values()]) / sum(float(w) for w in data.values()) * BLOCK
         self.quota = np.floor(share).astype(np.int64)
         self.quota[np.argsort(self.quota - share)[:BLOCK - self.quota.sum()]] += 1
         if (self.quota == 0).any():
-            raise ValueError(f'data weights {dict(data)}: a source below 1/{BLOCK} of the total is never drawn')
+            raise ValueError(f'data weights {dict(data)}: a source below 1/{BLOCK} of the total '
+                             'is never drawn')
         self.seed, self.max_bad_fraction = seed, max_bad_fraction
         self.reads = np.zeros(len(data), np.int64)
         self.bad = np.zeros((len(data), len(BAD_REASONS)), np.int64)   # this process's counts, for the stop
@@ -330,9 +351,11 @@ class Mixture:
             return 0, i
         b, t = divmod(i, BLOCK)
         if self.block[0] != b:   # one block's deal, kept: consecutive samples share it
-            src = np.random.default_rng([self.seed, b]).permutation(np.repeat(np.arange(len(self.quota)), self.quota))
+            src = np.random.default_rng([self.seed, b]).permutation(
+                np.repeat(np.arange(len(self.quota)), self.quota))
             nth = np.empty(BLOCK, np.int64)
-            nth[np.argsort(src, kind='stable')] = np.arange(BLOCK) - np.repeat(np.cumsum(self.quota) - self.quota, self.quota)
+            nth[np.argsort(src, kind='stable')] = (
+                np.arange(BLOCK) - np.repeat(np.cumsum(self.quota) - self.quota, self.quota))
             self.block = (b, src, nth)
         k = int(self.block[1][t])
         return k, b * int(self.quota[k]) + int(self.block[2][t])
@@ -354,26 +377,40 @@ class Mixture:
                 reason = BAD_REASONS.index(e.args[0])
                 skipped.append((k, reason))
                 self.bad[k, reason] += 1
-                if self.bad[k].sum() > self.max_bad_fraction * self.reads[k] and self.reads[k] >= min(len(src), 10000):
+                if (self.bad[k].sum() > self.max_bad_fraction * self.reads[k]
+                        and self.reads[k] >= min(len(src), 10000)):
                     self.stop(k, f'more than max_bad_fraction={self.max_bad_fraction}')
         self.stop(k, f'{MAX_TRIES} in a row')
 
+    def captions(self, n):
+        """The captions of global samples 0..n-1 (bad ones skipped): train.py's grid prompts for real data,
+        which cache_text.py caches with every other caption."""
+        reads, bad = self.reads.copy(), self.bad.copy()
+        caps = [self[i][1] for i in range(n)]
+        self.reads, self.bad = reads, bad   # the bad-sample stop counts training's reads only
+        return caps
+
     def stop(self, k, why):
         reasons = ', '.join(f'{n} {r}' for r, n in zip(BAD_REASONS, self.bad[k]) if n)
-        raise ValueError(f'data source {self.keys[k]!r}: {self.bad[k].sum()} of {self.reads[k]} samples read were bad '
-                         f'({reasons}), {why}: fix or drop these files, or raise max_bad_fraction')
+        raise ValueError(f'data source {self.keys[k]!r}: {self.bad[k].sum()} of {self.reads[k]} samples read '
+                         f'were bad ({reasons}), {why}: fix or drop these files, or raise max_bad_fraction')
 
 
 class StepBatches(torch.utils.data.IterableDataset):
-    """Endless training steps for one process. The global batch of step s is samples [s*B, (s+1)*B); it is cut into
-    micro-batches m = 0..B/micro-1 and process `rank` takes m = rank*accum .. rank*accum+accum-1. So one process with
-    accumulation sees exactly the samples that several processes see together. Each item is one step's list of
-    (uint8 images (b,R,R,3), captions, m, bad): bad (sources, BAD_REASONS) counts the samples skipped for this
-    micro-batch (it travels with the batch out of the worker process). DataLoader workers take whole steps in turn,
-    which keeps the order."""
+    """Endless training steps for one process, from step start_step whose global batch starts at sample
+    start_sample (default start_step * B): each step's global batch is the next B samples, so a new stage at
+    another batch size goes on from the samples it has not seen. The global batch is
+    cut into micro-batches m = 0..B/micro-1 and process `rank` takes m = rank*accum .. rank*accum+accum-1. So
+    one process with accumulation sees exactly the samples that several processes see together. Each item is
+    one step's list of (uint8 images (b,R,R,3), captions, m, bad, text): text is None or text(captions, step,
+    m), e.g. (states, mask) from a text-embedding cache, and bad (sources, BAD_REASONS) counts the
+    samples skipped for this micro-batch (it travels with the batch out of the worker process). DataLoader
+    workers take whole steps in turn, which keeps the order."""
 
-    def __init__(self, source, batch_size, micro_batch, rank, world, start_step=0):
-        self.source, self.B, self.b, self.start = source, batch_size, micro_batch, start_step
+    def __init__(self, source, batch_size, micro_batch, rank, world, start_step=0, start_sample=None,
+                 text=None):
+        self.source, self.B, self.b, self.start, self.text = source, batch_size, micro_batch, start_step, text
+        self.first = start_step * batch_size if start_sample is None else start_sample
         self.accum = batch_size // (micro_batch * world)
         self.rank = rank
 
@@ -383,13 +420,22 @@ class StepBatches(torch.utils.data.IterableDataset):
         for s in itertools.count(self.start + wid, nw):
             step = []
             for m in range(self.rank * self.accum, (self.rank + 1) * self.accum):
-                first = s * self.B + m * self.b
+                first = self.first + (s - self.start) * self.B + m * self.b
                 imgs, caps, skipped = zip(*(self.source[i] for i in range(first, first + self.b)))
                 bad = torch.zeros(len(self.source.sources), len(BAD_REASONS), dtype=torch.long)
                 for k, r in itertools.chain(*skipped):
                     bad[k, r] += 1
-                step.append((torch.from_numpy(np.stack(imgs)), list(caps), m, bad))
+                # text(captions, step, m): the micro-batch's text states, looked up here in the worker
+                host = None if self.text is None else self.text(list(caps), s, m)
+                step.append((torch.from_numpy(np.stack(imgs)), list(caps), m, bad, host))
             yield step
+
+
+def quiet_worker(worker_id):
+    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler signals the whole process group (torchrun's
+    killpg, SLURM), and a worker killed by it would take its rank down before the rank's last checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_model_images(u8):

@@ -1,11 +1,12 @@
 """
-Evaluation: prompt adherence on the shapes set (shapes.py's exact scorer, "Scoring" in docs/shapes.md: does each
-object of the caption appear with its colour, shape, size and place?), FD_DINOv2 for real data, and the learning
-curve that train.py logs.
+Evaluation: prompt adherence on the shapes set (shapes.py's exact scorer, "Scoring" in docs/shapes.md: does
+each object of the caption appear with its colour, shape, size and place?), FD_DINOv2 for real data, and the
+learning curve that train.py logs.
 
     python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
     python eval.py --out_dir=out --n=200     # sample the evaluation prompts from out/ckpt.pt, then score
-    python eval.py --samples_dir=samples --fd_ref=ref_images   # also FD_DINOv2 against a folder of real images
+    python eval.py --samples_dir=samples --fd_ref=ref_images
+                                             # also FD_DINOv2 against a folder of real images
                                              # (sample.py --prompts=captions.txt writes such a samples folder)
 
 FD_DINOv2 (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics"): the Frechet distance
@@ -22,16 +23,16 @@ from PIL import Image
 from shapes import caption_group, eval_prompts, eval_scenes, full_report, render, score
 
 samples_dir = ''  # score the image/caption pairs in this folder
-out_dir = ''  # or sample from the checkpoint in this folder (or a .safetensors file from export.py), then score
+out_dir = ''  # or sample from this folder's checkpoint (or a .safetensors file from export.py), then score
 n = 200  # number of evaluation prompts when sampling (shapes.eval_prompts: 40% one, 40% two, 20% held-out)
 seed = 0
 # sampling settings when --out_dir is given (see sample.py)
 num_steps = 50
-cfg_scale = 4.0
-sg_scale = 1.0
+cfg_scale = 0.0   # 0 = the training run's (its config, or export.py's file)
+sg_scale = 0.0    # 0 = the training run's
 shift = 0.0  # the sampler's time shift; 0 = the training run's t_shift
-from_t = 0.0  # > 0: sample each prompt from its real image noised to this t, not from pure noise: a check of the
-              # denoiser alone (does it keep a shape it is shown?), docs/experiments.md
+from_t = 0.0  # > 0: sample each prompt from its real image noised to this t, not from pure noise: a check of
+              # the denoiser alone (does it keep a shape it is shown?), docs/experiments.md
 use_ema = True
 batch_size = 100
 fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv2 of the samples against them
@@ -41,10 +42,10 @@ device = ''  # default: cuda if available, else cpu
 dtype = ''   # default: bfloat16 on cuda, else float32
 
 
-def learning_curve(model, encode, n, size, steps, cfg_scale, shift, noise_scale, seed):
-    """train.py's learning-curve point: the shapes score of the first n evaluation prompts, sampled with `steps` Euler
-    steps from a fixed seed. Returns (log row, one printable line). The global RNG is left as it was, so training
-    goes on exactly as without it."""
+def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, noise_scale, seed):
+    """train.py's learning-curve point: the shapes score of the first n evaluation prompts, sampled with
+    `steps` Euler steps from a fixed seed. Returns (log row, one printable line). The global RNG is left as it
+    was, so training goes on exactly as without it."""
     import torch
     from sample import generate, to_uint8
     prompts = eval_prompts(n)
@@ -52,18 +53,21 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, shift, noise_scale,
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         gen = torch.Generator(device).manual_seed(seed)
-        imgs = generate(model, encode, captions, size, steps, cfg_scale, 1.0, shift, noise_scale, gen)
+        imgs = generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen)
     report = score(to_uint8(imgs), captions, [g for _, g in prompts])
     row = {'eval': {g: {k: round(v, 3) for k, v in r.items() if v is not None} for g, r in report.items()}}
     line = (f"correct {report['all']['correct']:.0%} (one {report['one']['correct']:.0%}, two "
             f"{report['two']['correct']:.0%}, held-out {report['held_out']['correct']:.0%}) | " +
-            ' '.join(f"{k} {report['all'][k]:.0%}" for k in ('background', 'color', 'shape', 'size', 'position')))
+            ' '.join(f"{k} {report['all'][k]:.0%}"
+                     for k in ('background', 'color', 'shape', 'size', 'position')))
     return row, line
 
 
 def load_dir(samples_dir):
-    """(images, captions) from the 00000.png + 00000.txt pairs of a folder, in order (grid.png and the like are skipped)."""
-    stems = sorted((f[:-4] for f in os.listdir(samples_dir) if f.endswith('.png') and f[:-4].isdigit()), key=int)
+    """(images, captions) from the 00000.png + 00000.txt pairs of a folder, in order
+    (grid.png and the like are skipped)."""
+    stems = sorted((f[:-4] for f in os.listdir(samples_dir) if f.endswith('.png') and f[:-4].isdigit()),
+                   key=int)
     images = [np.asarray(Image.open(os.path.join(samples_dir, s + '.png')).convert('RGB')) for s in stems]
     captions = [open(os.path.join(samples_dir, s + '.txt')).read().strip() for s in stems]
     return images, captions
@@ -78,8 +82,8 @@ def load_images(folder):
 
 
 def features(net, images, device, batch_size=50):
-    """(n, D) float64 pooled features of uint8 (H, W, 3) images through a timm ViT, each resized (bicubic) to the
-    size the ViT was built for and normalised as it was trained."""
+    """(n, D) float64 pooled features of uint8 (H, W, 3) images through a timm ViT, each resized (bicubic) to
+    the size the ViT was built for and normalised as it was trained."""
     import timm
     import torch
     cfg = timm.data.resolve_data_config({}, model=net)
@@ -96,9 +100,9 @@ def features(net, images, device, batch_size=50):
 
 
 def frechet_distance(a, b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of Gaussians fitted to features a, b (n, D),
-    in float64. Square roots by eigendecomposition (no scipy): S_a^1/2 S_b S_a^1/2 is symmetric, and its root's trace
-    is that of (S_a S_b)^1/2 in the usual formula."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of Gaussians fitted to features a, b
+    (n, D), in float64. Square roots by eigendecomposition (no scipy): S_a^1/2 S_b S_a^1/2 is symmetric, and
+    its root's trace is that of (S_a S_b)^1/2 in the usual formula."""
     import torch
     a, b = a.double(), b.double()
     sa, sb = torch.cov(a.T), torch.cov(b.T)
@@ -132,9 +136,9 @@ if __name__ == '__main__':
         from sample import load_model, run_dir, sample_to_dir
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
-        torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
         model, encode, cfg = load_model(out_dir, device, use_ema)
         cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
+        cfg_scale, sg_scale = cfg_scale or cfg['cfg_scale'], sg_scale or cfg['sg_scale']   # 0: the run's own
         prompts = eval_prompts(n)
         eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
         starts = None
@@ -142,8 +146,8 @@ if __name__ == '__main__':
             from data import to_model_images
             starts = to_model_images(torch.from_numpy(np.stack([render(scene, cfg['image_size'])
                                                                 for scene, _ in eval_scenes(n)])))
-        sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps, cfg_scale,
-                      sg_scale, batch_size, seed, device, dtype, starts, from_t)
+        sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps,
+                      cfg_scale, sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
         report = full_report(images, captions, [g for _, g in prompts])
     else:
@@ -153,7 +157,8 @@ if __name__ == '__main__':
         import timm
         import torch
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        net = timm.create_model(fd_model, pretrained=fd_pretrained, num_classes=0, img_size=224).to(device).eval()
+        net = timm.create_model(fd_model, pretrained=fd_pretrained, num_classes=0,
+                                img_size=224).to(device).eval()
         report['fd_dinov2'] = fd_dinov2(images, load_images(fd_ref), net, device)
     if out_dir:
         with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:
@@ -163,10 +168,12 @@ if __name__ == '__main__':
     shapes = report.pop('shapes', None)   # eval.json has it whole; stderr gets the wrong shapes in one line
     print(json.dumps(report, indent=2))
     if shapes:
-        wrong = [f'{a} as {d} {n}' for a, row in shapes['all']['drawn'].items() for d, n in row.items() if n and d != a]
+        wrong = [f'{a} as {d} {n}' for a, row in shapes['all']['drawn'].items() for d, n in row.items()
+                 if n and d != a]
         leak, pairs = shapes.get('two', {}).get('partner'), shapes.get('two', {}).get('pairs')
         print('shapes drawn wrong (all prompts): ' + (', '.join(wrong) or 'none') +
-              (f"; two-object: {leak['took_partner']} of {leak['wrong']} wrong ones took the partner's shape, "
-               f"wrong {pairs['same_shape']['wrong']} of {pairs['same_shape']['objects']} objects of pairs asking "
-               f"one shape twice, {pairs['different']['wrong']} of {pairs['different']['objects']} of pairs asking two"
+              (f"; two-object: {leak['took_partner']} of {leak['wrong']} wrong ones took the partner's "
+               f"shape, wrong {pairs['same_shape']['wrong']} of {pairs['same_shape']['objects']} objects of "
+               f"pairs asking one shape twice, {pairs['different']['wrong']} of "
+               f"{pairs['different']['objects']} of pairs asking two"
                if leak else ''), file=sys.stderr)   # stdout stays one JSON document

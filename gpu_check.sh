@@ -5,7 +5,8 @@
 # /tmp/gpu_out) as JSON lines plus summary.md, one table per file. The GPU image lacks lpips: first, here,
 # `pip download lpips --no-deps -d wheels/` and carry wheels/ (git ignores it).
 #   gpu_check.sh                 # every part, in this order (about 25 minutes on an H100/H200: compiling is most)
-#   gpu_check.sh b512 b1024      # some parts: b512 (~8 min), b1024 (~6), tests (~2), sync (~1), mb (~2), train (~6)
+#   gpu_check.sh b512 b1024      # some parts: b512 (~8 min), b1024 (~6), tests (~2), sync (~1), mb (~2), train (~6),
+#                                # ckpt (~1: the speedrun checkpoint's write and read time, for torchrun's shutdown timeout)
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -13,7 +14,7 @@ python3 -c "import lpips" 2>/dev/null || python3 -m pip install -q --no-deps whe
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/env.txt"
 export OMP_NUM_THREADS=4
-PARTS=${*:-b512 b1024 tests sync mb train}
+PARTS=${*:-b512 b1024 tests sync mb train ckpt}
 SPEED="config/bench_speedrun.py"
 S2=tread+lpips+dino   # stage 2 (1024px) has REPA off
 
@@ -53,11 +54,38 @@ train)
 echo "=== train: train.py's speedrun step, compiled, 40 steps (shapes batches, bytes encoder, random teachers)"
 rm -rf /tmp/speed
 time timeout 600 torchrun --nproc_per_node=1 train.py config/speedrun.py --out_dir=/tmp/speed \
-    --data="{'shapes': 1.0}" --text_encoder=bytes --text_dim=512 --text_layers=2 --teachers_pretrained=False \
+    --data="{'shapes': 1.0}" --text_encoder=bytes --text_cache= --text_dim=512 --text_layers=2 --teachers_pretrained=False \
     --batch_size=32 --micro_batch=32 --max_iters=40 --warmup_iters=1 --log_interval=10 --sample_interval=0 \
     --ckpt_interval=0 --num_workers=12 --compile=True
 cp /tmp/speed/log.jsonl "$OUT/train_512_log.jsonl" ;;
-*) echo "unknown part $part (want b512 b1024 tests sync mb train)" ;;
+ckpt)
+echo "=== ckpt: write and read the speedrun's checkpoint (522M parameters: weights, EMA, optimizer state in fp32)"
+timeout 300 python3 - <<'PY' | tee "$OUT/ckpt.txt"
+import copy, os, time, torch
+from checkpoint import load_checkpoint, save_checkpoint
+from model import DiT, DiTConfig
+raw = DiT(DiTConfig(text_dim=2304, repa_dim=1024)).cuda()
+ema = copy.deepcopy(raw)
+opts = raw.configure_optimizers()
+for p in raw.parameters():
+    p.grad = torch.zeros_like(p)
+for o in opts:
+    o.step()   # the optimizers' state exists, as in a real run
+os.makedirs('/tmp/ckpt_speed', exist_ok=True)
+t0 = time.time()
+save_checkpoint('/tmp/ckpt_speed', {'model': raw.state_dict(), 'ema': ema.state_dict(), 'step': 1, 'samples': 1,
+                                    'optimizers': [o.state_dict() for o in opts], 'config': {}, 'model_args': {}})
+t1 = time.time()
+ckpt = load_checkpoint('/tmp/ckpt_speed/ckpt.pt')
+raw.load_state_dict(ckpt['model'])
+ema.load_state_dict(ckpt['ema'])
+t2 = time.time()
+size = os.path.getsize('/tmp/ckpt_speed/ckpt.pt') / 1e9
+print(f'checkpoint {size:.2f} GB: written in {t1 - t0:.1f} s ({size / (t1 - t0):.2f} GB/s), read into the model '
+      f'and EMA in {t2 - t1:.1f} s (mmap)')
+PY
+;;
+*) echo "unknown part $part (want b512 b1024 tests sync mb train ckpt)" ;;
 esac
 done
 

@@ -13,14 +13,15 @@ from model import tread_draw
 
 
 def shift_t(t, shift):
-    """SD3's resolution shift toward noise, written on the noise level s = 1 - t: s -> shift*s / (1 + (shift-1)*s)."""
+    """SD3's resolution shift toward noise, written on the noise level s = 1 - t:
+    s -> shift*s / (1 + (shift-1)*s)."""
     s = 1 - t
     return 1 - shift * s / (1 + (shift - 1) * s)
 
 
 def sample_t(n, gen, device, mean, std, shift, uniform):
-    """Logit-normal t (JiT: mean -0.8, std 0.8; the speedrun: mean 0, std 1, shift 3), then a `uniform` fraction
-    drawn uniformly instead so that no noise level is starved."""
+    """Logit-normal t (JiT: mean -0.8, std 0.8; the speedrun: mean 0, std 1, shift 3), then a `uniform`
+    fraction drawn uniformly instead so that no noise level is starved."""
     t = shift_t(torch.sigmoid(torch.randn(n, generator=gen, device=device) * std + mean), shift)
     if uniform > 0:
         u = torch.rand(n, generator=gen, device=device)
@@ -29,7 +30,8 @@ def sample_t(n, gen, device, mean, std, shift, uniform):
 
 
 def drop_captions(captions, p, gen):
-    """Classifier-free guidance training: a fraction p of captions become the empty caption (10% in the speedrun)."""
+    """Classifier-free guidance training: a fraction p of captions become the empty caption
+    (10% in the speedrun)."""
     drop = torch.rand(len(captions), generator=gen, device=gen.device) < p
     return ['' if d else c for c, d in zip(captions, drop.tolist())]
 
@@ -45,11 +47,11 @@ def edge_map(x):
 
 
 def pixel_mean(err, x, t, edge_weight):
-    """The mean of the per-pixel errors err (B, C, H, W), or with edge_weight > 0 their weighted mean, a pixel at an
-    edge of the clean image weighing up to 1 + edge_weight * t: an object's shape is its outline, 4% of the shapes
-    set's pixels, too small a part of the plain mean to draw small shapes (docs/experiments.md, "Edges").
-    Times t: at pure noise an outline cannot be known, and a weight there would pull the prediction (a weighted
-    posterior mean) toward outlines everywhere."""
+    """The mean of the per-pixel errors err (B, C, H, W), or with edge_weight > 0 their weighted mean, a pixel
+    at an edge of the clean image weighing up to 1 + edge_weight * t: an object's shape is its outline, 4% of
+    the shapes set's pixels, too small a part of the plain mean to draw small shapes (docs/experiments.md,
+    "Edges"). Times t: at pure noise an outline cannot be known, and a weight there would pull the prediction
+    (a weighted posterior mean) toward outlines everywhere."""
     if edge_weight == 0:
         return err.mean()
     w = 1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x)
@@ -66,8 +68,8 @@ def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0):
 
 
 def x_loss(x_pred, x, t=None, edge_weight=0.0):
-    # the velocity loss times (1 - t)^2: every noise level weighs the same in x, so the nearly clean samples (weight
-    # up to 400 in v) no longer drown the high-noise ones, the only ones that must read the caption
+    # the velocity loss times (1 - t)^2: every noise level weighs the same in x, so the nearly clean samples
+    # (weight up to 400 in v) no longer drown the high-noise ones, the only ones that must read the caption
     return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight)
 
 
@@ -79,7 +81,8 @@ class LossConfig:
     t_shift: float = 3.0         # shift toward noise, also used by the sampler
     t_uniform: float = 0.1       # fraction of t drawn uniformly
     noise_scale: float = 1.0     # JiT: res / 256 at high resolution (the speedrun's t_shift does that job)
-    loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip); 'x': MSE on the clean image
+    loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip);
+                                 # 'x': MSE on the clean image
     v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
     edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
     lpips_weight: float = 0.1
@@ -91,8 +94,8 @@ class LossConfig:
         if self.loss_target not in ('v', 'x'):
             errors.append(f"loss_target={self.loss_target!r}, want one of ('v', 'x')")
         if not 0 < self.v_clip <= 1:
-            errors.append(f'v_clip={self.v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity loss '
-                          'divides by)')
+            errors.append(f'v_clip={self.v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity '
+                          'loss divides by)')
         if self.edge_weight < 0:
             errors.append(f'edge_weight={self.edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
         if errors:
@@ -103,10 +106,10 @@ class LossConfig:
         return cls(**{k: config[k] for k in cls.__dataclass_fields__})
 
 
-def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None, dino_net=None,
-                   repa_teacher=None):
-    """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws t,
-    the noise and TREAD's route (seeded per micro-batch, so any split over processes sees the same draws).
+def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None,
+                   dino_net=None, repa_teacher=None):
+    """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws
+    t, the noise and TREAD's route (seeded per micro-batch, so any split over processes sees the same draws).
     patch_size: the model's, for REPA's token grid and TREAD's draw (tread: routing on).
     Returns (total loss, dict of the detached parts)."""
     B = x.shape[0]
@@ -115,7 +118,8 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
     noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
     tb = t.view(-1, 1, 1, 1)
     z = tb * x + (1 - tb) * noise
-    # TREAD's draw comes from the same generator, after t and the noise (when off, the streams stay as they are)
+    # TREAD's draw comes from the same generator, after t and the noise
+    # (when off, the streams stay as they are)
     route = tread_draw(gen, B, (x.shape[-2] // patch_size) * (x.shape[-1] // patch_size)) if tread else None
     x_pred, repa = model(z, t, text, text_mask, route=route)
     loss = (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
@@ -146,7 +150,8 @@ def _imagenet(x):
 
 
 def _patch_tokens(net, x, size):
-    """A timm ViT's patch features (B, h*w, D) of x in [-1, 1] resized to size, CLS and register tokens dropped."""
+    """A timm ViT's patch features (B, h*w, D) of x in [-1, 1] resized to size,
+    CLS and register tokens dropped."""
     x = F.interpolate(x, size=size, mode='bilinear', antialias=True)
     return net.forward_features(_imagenet(x))[:, net.num_prefix_tokens:]
 
@@ -156,8 +161,8 @@ def _frozen(net):
 
 
 def load_lpips(pretrained=True):
-    """LPIPS with the VGG trunk. Its linear layers ship inside the lpips package; pretrained=False only skips the
-    trunk's ImageNet weights (torchvision downloads those), which tests use to stay offline."""
+    """LPIPS with the VGG trunk. Its linear layers ship inside the lpips package; pretrained=False only skips
+    the trunk's ImageNet weights (torchvision downloads those), which tests use to stay offline."""
     import lpips
     return _frozen(lpips.LPIPS(net='vgg', pnet_rand=not pretrained, verbose=False))
 
@@ -168,8 +173,8 @@ def lpips_loss(net, pred, target):
 
 
 def load_dino(name='vit_base_patch14_reg4_dinov2', pretrained=True, **kwargs):
-    """The DINOv2 perceptual net. timm builds DINOv2 at 518px; img_size=224 resamples its position embedding to
-    the 224px the speedrun feeds it. kwargs reach timm.create_model (tests pass tiny dims)."""
+    """The DINOv2 perceptual net. timm builds DINOv2 at 518px; img_size=224 resamples its position embedding
+    to the 224px the speedrun feeds it. kwargs reach timm.create_model (tests pass tiny dims)."""
     import timm
     kwargs.setdefault('img_size', 224)
     return _frozen(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
@@ -192,9 +197,9 @@ def load_repa_teacher(name='vit_large_patch16_dinov3', pretrained=True, **kwargs
 
 
 def repa_loss(teacher, repa, x, patch_size):
-    """REPA (Yu et al. 2024): -mean cosine between the model's projected tokens and the teacher's patch features
-    of the clean image x. repa = (proj (B, n, D), keep): keep is None (all h*w tokens, raster order) or the (B, n)
-    raster indices of the tokens TREAD kept, where the teacher's features are gathered."""
+    """REPA (Yu et al. 2024): -mean cosine between the model's projected tokens and the teacher's patch
+    features of the clean image x. repa = (proj (B, n, D), keep): keep is None (all h*w tokens, raster order)
+    or the (B, n) raster indices of the tokens TREAD kept, where the teacher's features are gathered."""
     proj, keep = repa
     H, W = x.shape[-2:]
     h, w = H // patch_size, W // patch_size
@@ -207,5 +212,6 @@ def repa_loss(teacher, repa, x, patch_size):
     if keep is not None:
         feats = feats.gather(1, keep.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
     if proj.shape != feats.shape:
-        raise ValueError(f'REPA projected tokens {tuple(proj.shape)} do not match teacher features {tuple(feats.shape)}')
+        raise ValueError(f'REPA projected tokens {tuple(proj.shape)} do not match teacher features '
+                         f'{tuple(feats.shape)}')
     return -F.cosine_similarity(proj.float(), feats.float(), dim=-1).mean()

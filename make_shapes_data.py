@@ -1,10 +1,12 @@
 """
-Write n shapes-set images (docs/shapes.md) in the two on-disk layouts data.py reads, holding the same samples:
+Write n shapes-set images (docs/shapes.md) in the two on-disk layouts data.py reads,
+holding the same samples:
 
-    python make_shapes_data.py --n=2000      # data/shapes/folder/00000/00000000.png + .txt, data/shapes/{00000..00001}.tar
+    python make_shapes_data.py --n=2000      # data/shapes/folder/00000/00000000.png + .txt,
+                                             # data/shapes/{00000..00001}.tar
 
-The folder is grouped like the shards (one subfolder per shard), so both list their samples in the same order. Train
-from either: python train.py --data="{'data/shapes/{00000..00001}.tar': 1.0}" (docs/data.md).
+The folder is grouped like the shards (one subfolder per shard), so both list their samples in the same order.
+Train from either: python train.py --data="{'data/shapes/{00000..00001}.tar': 1.0}" (docs/data.md).
 """
 import io
 import os
@@ -35,7 +37,8 @@ def write_shapes_data(out, n, image_size=64, shard_size=1000, ext='png', seed=0)
             for i in range(s, min(n, s + shard_size)):
                 img, cap = shapes_example(seed, i, image_size)
                 buf = io.BytesIO()
-                Image.fromarray(img).save(buf, 'JPEG' if ext == 'jpg' else ext, **({'quality': 95} if ext == 'jpg' else {}))
+                Image.fromarray(img).save(buf, 'JPEG' if ext == 'jpg' else ext,
+                                          **({'quality': 95} if ext == 'jpg' else {}))
                 for name, payload in ((f'{i:08d}.{ext}', buf.getvalue()), (f'{i:08d}.txt', cap.encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)

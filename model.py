@@ -23,20 +23,20 @@ from muon import Muon
 
 @dataclass
 class DiTConfig:
-    """The model's shape, at the speedrun recipe's values (docs/recipe.md); train.py's keys of the same names."""
+    """The model's shape at the speedrun recipe's values (docs/recipe.md); train.py's keys of these names."""
     patch_size: int = 32
-    bottleneck: int = 256       # JiT: a low-rank patch embedding (patch -> bottleneck -> hidden) keeps big patches cheap
+    bottleneck: int = 256       # JiT: a low-rank patch embedding keeps big patches cheap
     n_layer: int = 24
     n_head: int = 16
     n_embd: int = 1024
     mlp_ratio: float = 4.0      # SwiGLU hidden = mlp_ratio * 2/3 * n_embd, the usual parameter match
-    text_encoder: str = 'google/t5gemma-2b-2b-ul2'   # 'bytes': the trainable ByteTextEncoder below; else frozen states
+    text_encoder: str = 'google/t5gemma-2b-2b-ul2'   # frozen states; 'bytes': the ByteTextEncoder below
     text_dim: int = 2304        # width of the text states that enter the model (a frozen encoder's own width)
     text_len: int = 256         # text tokens (the bytes encoder: caption bytes)
     text_layers: int = 0        # bytes encoder: transformer layers over its word tokens
-    text_window: int = 0        # bytes encoder: each word token also reads its neighbours (odd width); 0 = off
-    text_pool: bool = False     # add the masked mean of the caption tokens to the adaLN conditioning (DiT, SD3)
-    pred: str = 'x'             # the network outputs 'x' the clean image (JiT), 'v' the velocity, or 'skip' (skip_x)
+    text_window: int = 0        # bytes encoder: each word token also reads its neighbours (odd width)
+    text_pool: bool = False     # add the masked mean caption token to the adaLN conditioning (DiT, SD3)
+    pred: str = 'x'             # the output: 'x' the clean image (JiT), 'v' the velocity, 'skip' (skip_x)
     route_ratio: float = 0.5    # TREAD: fraction of image tokens that skip the route; 0 = off
     route_start: int = 2        # first routed block (0-indexed)
     route_end: int = -1         # routed blocks are blocks[route_start:route_end]: to the penultimate block
@@ -48,13 +48,14 @@ class DiTConfig:
         if self.pred not in ('x', 'v', 'skip'):
             errors.append(f"pred={self.pred!r}, want one of ('x', 'v', 'skip')")
         if min(self.n_layer, self.patch_size, self.n_head) < 1:
-            errors.append(f'n_layer={self.n_layer}, patch_size={self.patch_size}, n_head={self.n_head}: want each >= 1')
+            errors.append(f'n_layer={self.n_layer}, patch_size={self.patch_size}, n_head={self.n_head}: '
+                          'want each >= 1')
         elif self.n_embd % self.n_head or (self.n_embd // self.n_head) % 4:
-            errors.append(f'n_embd={self.n_embd} / n_head={self.n_head}: the head dimension must be a whole multiple '
-                          'of 4 (2D RoPE splits it into row and column halves of cos/sin pairs)')
+            errors.append(f'n_embd={self.n_embd} / n_head={self.n_head}: the head dimension must be a whole '
+                          'multiple of 4 (2D RoPE splits it into row and column halves of cos/sin pairs)')
         if self.text_window < 0 or self.text_window % 2 == 0 and self.text_window:
-            errors.append(f'text_window={self.text_window}, want 0 (off) or an odd number of words (the word in the '
-                          'middle)')
+            errors.append(f'text_window={self.text_window}, want 0 (off) or an odd number of words (the word '
+                          'in the middle)')
         if not 0 <= self.route_ratio < 1:
             errors.append(f'route_ratio={self.route_ratio}, want 0 (off) <= route_ratio < 1')
         elif self.route_ratio > 0 and self.n_layer >= 1 and not route_blocks(self):
@@ -74,7 +75,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # weight in the input's dtype: under bf16 autocast a float32 weight rules out the fused kernel
-        return F.rms_norm(x, (x.shape[-1],), None if self.weight is None else self.weight.to(x.dtype), eps=1e-6)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, eps=1e-6)
 
 
 def modulate(x, shift, scale):
@@ -82,8 +84,9 @@ def modulate(x, shift, scale):
 
 
 def rope_2d(h, w, head_dim, device, base=100.0):
-    """cos/sin tables (h*w, head_dim) for 2D RoPE: half of each head rotates with the row, half with the column.
-    base 100 rather than 10000: token grids here are 8 to 32 wide, so slow frequencies would never turn."""
+    """cos/sin tables (h*w, head_dim) for 2D RoPE: half of each head rotates with the row, half with the
+    column. base 100 rather than 10000: token grids here are 8 to 32 wide, so slow frequencies would never
+    turn."""
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
@@ -93,9 +96,10 @@ def rope_2d(h, w, head_dim, device, base=100.0):
 
 
 def sincos_2d(h, w, dim, device, grid=16):
-    """Fixed 2D sin-cos position embedding (JiT adds one too). RoPE alone only tells tokens where they are relative to
-    each other, and text tokens have no position at all, so "in the top left" needs this absolute one. Coordinates
-    are fractions of the image times `grid`, so a layout keeps its meaning when the resolution changes."""
+    """Fixed 2D sin-cos position embedding (JiT adds one too). RoPE alone only tells tokens where they are
+    relative to each other, and text tokens have no position at all, so "in the top left" needs this absolute
+    one. Coordinates are fractions of the image times `grid`, so a layout keeps its meaning when the
+    resolution changes."""
     quarter = dim // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys = ((torch.arange(h, device=device) + 0.5) / h * grid).repeat_interleave(w)
@@ -125,11 +129,13 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d)
         self.mlp_in = nn.Linear(d, 2 * hidden)
         self.mlp_out = nn.Linear(hidden, d)
-        self.ada = nn.Linear(d, 6 * d)       # adaLN-zero (DiT): zero init makes every block start as the identity
+        # adaLN-zero (DiT): zero init makes every block start as the identity
+        self.ada = nn.Linear(d, 6 * d)
 
     def forward(self, x, c, txt, mask, cos, sin):
-        """x: image tokens (B, N, D); c: conditioning (B, D); txt: text states (B, L, D); mask: (B, 1, 1, L + N) bool;
-        cos, sin: RoPE tables (N, hd) or, for routed tokens, (B, 1, N, hd). Returns the new image tokens (B, N, D)."""
+        """x: image tokens (B, N, D); c: conditioning (B, D); txt: text states (B, L, D);
+        mask: (B, 1, 1, L + N) bool; cos, sin: RoPE tables (N, hd) or, for routed tokens, (B, 1, N, hd).
+        Returns the new image tokens (B, N, D)."""
         B, N, D = x.shape
         nh = self.n_head
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)   # each (B, D)
@@ -143,14 +149,15 @@ class Block(nn.Module):
         v = torch.cat([vt, v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, nh, N, hd)
         x = x + gate1[:, None] * self.proj(y.transpose(1, 2).reshape(B, N, D))
-        a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)  # SwiGLU: (B, N, hidden) each
+        # SwiGLU: (B, N, hidden) each
+        a, g = self.mlp_in(modulate(self.norm2(x), shift2, scale2)).chunk(2, dim=-1)
         return x + gate2[:, None] * self.mlp_out(F.silu(g) * a)
 
 
 class ByteTextEncoder(nn.Module):
-    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default.
-    The bytes of each word (split at spaces) are embedded with their place in the word and summed into one token,
-    then get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens, 5x fewer
+    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default. The bytes
+    of each word (split at spaces) are embedded with their place in the word and summed into one token, then
+    get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens, 5x fewer
     keys to attend to, which a 4-block model reads at once (docs/experiments.md)."""
 
     def __init__(self, dim, max_len, n_layer, max_words=32, window=0):
@@ -176,22 +183,23 @@ class ByteTextEncoder(nn.Module):
         word = starts.cumsum(1).clamp(max=W - 1)                            # BOS joins the first word
         idx = torch.arange(L, device=ids.device).expand(B, L)
         start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-        # a byte is bound to its place in the word by a product, not a sum: with a sum every word of one length
-        # shares one sum of place vectors, so 'circle' and 'square' would be nearly the same token
+        # a byte is bound to its place in the word by a product, not a sum: with a sum every word of one
+        # length shares one sum of place vectors, so 'circle' and 'square' would be nearly the same token
         x = self.embed(ids) * self.char_pos(idx - start_at) * mask[..., None]
         w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype)
         w = w.scatter_add_(1, word[..., None].expand_as(x), x)                  # (B, W, dim) summed per word
         n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
-        # sum / sqrt(bytes), not the mean: a word's content weighs as much as its place (word_pos) whatever its
-        # length ('circle' and 'square' in one slot: cosine 0.60 at init, 0.93 with a sum of places or a mean)
+        # sum / sqrt(bytes), not the mean: a word's content weighs as much as its place (word_pos) whatever
+        # its length ('circle' and 'square' in one slot: cosine 0.60 at init; 0.93 with a mean)
         x = w / n.clamp(min=1).sqrt()[..., None] + self.word_pos.weight
         # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never
         # recompiles; masked keys change no output
         word_mask = n > 0
         if self.window is not None:
-            # binding: in "a small red circle to the left of a large blue square" the token of "circle" gains "small
-            # red" and that of "square" "large blue", so an image token that z_t shows red finds its shape by one
-            # attention lookup on colour; with separate words it must find "red" and then the word after it
+            # binding: in "a small red circle to the left of a large blue square" the token of "circle" gains
+            # "small red" and that of "square" "large blue", so an image token that z_t shows red finds its
+            # shape by one attention lookup on colour; with separate words it must find "red" and then the
+            # word after it
             x = x + self.window((x * word_mask[..., None]).transpose(1, 2)).transpose(1, 2)
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~word_mask)
@@ -204,14 +212,15 @@ class DiT(nn.Module):
         self.cfg = cfg
         d, p = cfg.n_embd, cfg.patch_size
         assert cfg.pred in ('x', 'v', 'skip'), f"pred must be 'x', 'v' or 'skip', got {cfg.pred!r}"
-        assert d % cfg.n_head == 0 and (d // cfg.n_head) % 4 == 0, 'head dim must be a multiple of 4 for 2D RoPE'
-        self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False), nn.Linear(cfg.bottleneck, d))
+        self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False),
+                                      nn.Linear(cfg.bottleneck, d))
         self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers,
                                             window=cfg.text_window) if cfg.text_encoder == 'bytes' else None
         self.text_proj = nn.Linear(cfg.text_dim, d)   # the one linear from the text encoder into the model
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        # the pooled caption joins the timestep in every block's modulation, as DiT's class embedding and SD3's pooled
-        # CLIP vector do: each token then knows the whole caption from the first block on, not only through attention
+        # the pooled caption joins the timestep in every block's modulation, as DiT's class embedding and
+        # SD3's pooled CLIP vector do: each token then knows the whole caption from the first block on, not
+        # only through attention
         self.text_pool = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d)) if cfg.text_pool else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_out = RMSNorm(d, affine=False)
@@ -236,9 +245,10 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def optimizer_split(self, optimizer, muon_adaln):
-        """(AdamW's parameter names, Muon's), in the order their optimizers hold them. With optimizer='muon', Muon
-        takes the blocks' 2D matrices (muon_adaln=False: all but the adaLN ones) and AdamW the rest (embeddings, head,
-        norms, biases, the REPA projector), as the speedrun splits them; checkpoint.py maps optimizer state by it."""
+        """(AdamW's parameter names, Muon's), in the order their optimizers hold them. With optimizer='muon',
+        Muon takes the blocks' 2D matrices (muon_adaln=False: all but the adaLN ones) and AdamW the rest
+        (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them; checkpoint.py maps
+        optimizer state by it."""
         to_muon = [n for n, p in self.named_parameters() if optimizer == 'muon' and n.startswith('blocks.')
                    and p.ndim == 2 and (muon_adaln or '.ada.' not in n)]
         return [n for n, _ in self.named_parameters() if n not in to_muon], to_muon
@@ -247,9 +257,13 @@ class DiT(nn.Module):
                              weight_decay=0.0, muon_lr=1e-4, muon_momentum=0.95, muon_weight_decay=0.0,
                              muon_adjust_lr='match_rms_adamw', muon_ns_steps=5, muon_adaln=True,
                              muon_ns_dtype='default', fused=True):
-        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon] (optimizer_split); the defaults are the
-        speedrun's. fused: AdamW's one-kernel step, faster on a GPU and a CPU (BENCHMARKS.md), and it skips a
-        non-finite step on the device (found_inf), as train.py needs."""
+        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon] (optimizer_split). Each argument but
+        fused is a train.py key, its default the speedrun's. learning_rate, betas, eps, weight_decay: AdamW's.
+        muon_lr: Muon's, its update scaled to AdamW's RMS (muon_adjust_lr) so comparable with learning_rate;
+        muon_ns_steps, muon_ns_dtype: its Newton-Schulz steps per update and their dtype (muon.Muon);
+        muon_adaln: the blocks' adaLN matrices on Muon too. fused: AdamW's one-kernel step, faster on a GPU
+        and a CPU (BENCHMARKS.md), and it skips a non-finite step on the device (found_inf), as train.py
+        needs."""
         params = dict(self.named_parameters())
         adam, muon = self.optimizer_split(optimizer, muon_adaln)
         opts = [torch.optim.AdamW([params[n] for n in adam], lr=learning_rate, betas=betas, eps=eps,
@@ -263,38 +277,13 @@ class DiT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_image(self, image_size, text_len):
-        """Matmul FLOPs (2 per multiply-add) of one image's training-mode forward, TREAD's routing included, as
-        torch.utils.flop_counter counts them (tests/test_model.py: within 5%). text_len: the frozen encoder's tokens
-        (its own forward is not counted: the speedrun caches text embeddings); the bytes encoder has its word slots.
-        A training step costs 3x this: the backward computes gradients of both inputs and weights."""
-        cfg, d, p = self.cfg, self.cfg.n_embd, self.cfg.patch_size
-        N = (image_size // p) ** 2                                       # image tokens
-        hidden = self.blocks[0].mlp_out.in_features
-        L, w = text_len, cfg.text_dim
-        macs = N * (3 * p * p * cfg.bottleneck + cfg.bottleneck * d)     # bottleneck patch embedding
-        if self.text_encoder is not None:
-            L = self.text_encoder.word_pos.num_embeddings
-            macs += cfg.text_layers * L * (12 * w * w + 2 * L * w)       # qkv, out, 4x MLP; scores and values
-            macs += L * cfg.text_window * w * w                          # the word window
-        macs += L * w * d + 256 * d + d * d + (2 * d * d if cfg.text_pool else 0)   # text_proj, t_embed, text_pool
-        n_keep = max(1, round(N * (1 - cfg.route_ratio)))
-        for i in range(cfg.n_layer):
-            n = n_keep if cfg.route_ratio > 0 and i in self.route else N
-            macs += 6 * d * d + 2 * L * d * d                            # adaLN, the block's text K/V
-            macs += n * (4 * d * d + 3 * d * hidden)                     # q, kv, proj, SwiGLU in and out
-            macs += 2 * n * (L + n) * d                                  # attention: scores and values on [text; image]
-            if self.repa_proj is not None and i + 1 == cfg.repa_block:
-                macs += n * sum(m.in_features * m.out_features for m in self.repa_proj if isinstance(m, nn.Linear))
-        macs += 2 * d * d + N * d * 3 * p * p                            # adaLN and the head
-        return 2 * macs
-
     def condition(self, t, text, text_mask):
         """(text states (B, L, D), their mask (B, L), adaLN conditioning (B, D)) from t and the caption."""
         if self.text_encoder is not None:
             text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
         txt = self.text_proj(text)                                                    # (B, L, D)
-        # t * 1000: DiT's sinusoidal embedding was made for integer steps 0..1000; its frequencies assume that range
+        # t * 1000: DiT's sinusoidal embedding was made for integer steps 0..1000; its frequencies assume that
+        # range
         c = self.t_embed(timestep_embedding(t * 1000, 256))                           # (B, D)
         if self.text_pool is not None:
             m = text_mask[..., None].to(txt.dtype)
@@ -303,21 +292,24 @@ class DiT(nn.Module):
 
     def forward(self, z, t, text, text_mask, route=None):
         """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
-        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token.
-        route: TREAD on/off (default: on in training), or its draw (tread_draw). Returns (x_pred (B,3,H,W), repa):
-        repa is None or (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
+        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token. route: TREAD
+        on/off (default: on in training), or its draw (tread_draw). Returns (x_pred (B,3,H,W), repa): repa is
+        None or (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
         B, _, H, W = z.shape
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
-        gh, gw = H // p, W // p                                                       # the token grid, N = gh*gw
+        # the token grid, N = gh*gw
+        gh, gw = H // p, W // p
         # (B, 3*p*p, N) patches -> (B, N, 3*p*p), raster order -> bottleneck -> (B, N, D)
-        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2)) + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
+        x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2))
+        x = x + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
         txt, text_mask, c = self.condition(t, text, text_mask)
         rope = rope_2d(gh, gw, self.cfg.n_embd // self.cfg.n_head, z.device)          # cos, sin (N, hd)
         dense = (attn_mask(text_mask, gh * gw), *rope)
         keep = self.tread_keep(route, B, gh * gw, z.device)   # TREAD's kept tokens (B, n_keep), or None: off
-        routed = None if keep is None else (attn_mask(text_mask, keep.shape[1]), *(r[keep][:, None] for r in rope))
+        if keep is not None:   # the kept tokens' mask and their own RoPE rows, (B, 1, n_keep, hd)
+            routed = (attn_mask(text_mask, keep.shape[1]), *(r[keep][:, None] for r in rope))
         x_all, repa = None, None
         for i, block in enumerate(self.blocks):
             in_route = keep is not None and i in self.route
@@ -325,7 +317,8 @@ class DiT(nn.Module):
                 x_all, x = x, tread_gather(x, keep)
             x = block(x, c, txt, *(routed if in_route else dense))
             if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
-                repa = (self.repa_proj(x), keep if in_route else None)   # REPA: in the route, the kept tokens only
+                # REPA: in the route, the kept tokens only
+                repa = (self.repa_proj(x), keep if in_route else None)
             if in_route and i == self.route.stop - 1:
                 x = tread_scatter(x_all, x, keep)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
@@ -335,19 +328,22 @@ class DiT(nn.Module):
     def output(self, out, z, t):
         """The clean image from the head's output, by pred."""
         if self.cfg.pred == 'v':
-            # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise, so
-            # x = z_t + (1-t) v): the loss and the sampler stay the same. JiT: predicting x is what works in pixels
+            # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise,
+            # so x = z_t + (1-t) v): the loss and the sampler stay the same. JiT: predicting x is what works
+            # in pixels
             return z + (1 - t).view(-1, 1, 1, 1) * out
         if self.cfg.pred == 'skip':
             return skip_x(z, t, out)
         return out
 
-    # ---- TREAD (Krause et al. 2025): per sample, a random subset of image tokens skips blocks[route_start:route_end]
+    # ---- TREAD (Krause et al. 2025): per sample, a random subset of image tokens skips
+    # blocks[route_start:route_end]
     # unchanged; the kept ones carry their own RoPE positions through the route (forward) ----
 
     def tread_keep(self, route, B, N, device):
-        """The indices (B, n_keep) of the tokens that go through the route, or None when routing is off. route: None
-        (on in training), a bool, or a (B, N) draw of uniform scores (tread_draw); True draws from the global RNG."""
+        """The indices (B, n_keep) of the tokens that go through the route, or None when routing is off.
+        route: None (on in training), a bool, or a (B, N) draw of uniform scores (tread_draw); True draws from
+        the global RNG."""
         scores, on = (route, True) if isinstance(route, torch.Tensor) else (None, route)
         if not (self.training if on is None else on) or self.cfg.route_ratio == 0:
             return None
@@ -356,9 +352,9 @@ class DiT(nn.Module):
 
 
 def tread_draw(gen, batch, n_tokens):
-    """TREAD's route for a training batch: (B, N) uniform scores from gen, the per-micro-batch generator, so that any
-    split over processes routes the same tokens. Drawn outside the compiled model: compiled, a draw from a
-    torch.Generator gives other numbers than eager."""
+    """TREAD's route for a training batch: (B, N) uniform scores from gen, the per-micro-batch generator, so
+    that any split over processes routes the same tokens. Drawn outside the compiled model: compiled, a draw
+    from a torch.Generator gives other numbers than eager."""
     return torch.rand(batch, n_tokens, generator=gen, device=gen.device)
 
 
@@ -384,19 +380,21 @@ SKIP_SIGMA = 0.1  # the noise level (noise std / signal) below which z itself is
 
 
 def skip_x(z, t, out):
-    """The clean image as a * z + (1 - a t) * out: EDM's skip connection (Karras et al. 2022, c_skip of table 1
-    with sigma = (1 - t) / t the noise of z / t, times t) with sigma_data = SKIP_SIGMA, and out aimed at the clean
-    image itself as in x-prediction. At t = 0 (pure noise) a = 0: plain x-prediction (JiT). Towards t = 1 a -> 1:
-    z is the answer and the network adds a correction, so it need not carry every pixel through the bottleneck and
-    128 channels to keep an edge sharp. The noise that a * z lets through, a (1 - t), peaks at 0.05 (t ~ 0.9): the
-    network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 would let 0.2 through at t = 0.5."""
+    """The clean image as a * z + (1 - a t) * out: EDM's skip connection (Karras et al. 2022, c_skip of table
+    1 with sigma = (1 - t) / t the noise of z / t, times t) with sigma_data = SKIP_SIGMA, and out aimed at the
+    clean image itself as in x-prediction. At t = 0 (pure noise) a = 0: plain x-prediction (JiT). Towards t =
+    1 a -> 1: z is the answer and the network adds a correction, so it need not carry every pixel through the
+    bottleneck and 128 channels to keep an edge sharp. The noise that a * z lets through, a (1 - t), peaks at
+    0.05 (t ~ 0.9): the network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 would let
+    0.2 through at t = 0.5."""
     t = t.view(-1, 1, 1, 1).to(z.dtype)
     a = SKIP_SIGMA ** 2 * t / ((1 - t) ** 2 + SKIP_SIGMA ** 2 * t ** 2)
     return a * z + (1 - a * t) * out
 
 
 def attn_mask(text_mask, n_image):
-    """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked, every image token seen."""
+    """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked, all image tokens
+    seen."""
     return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], dim=1)[:, None, None]
 
 

@@ -46,15 +46,16 @@ NS_DTYPE_CHOICES = ('default', 'auto', *NS_DTYPES)
 
 
 def ns_dtype(device):
-    """'default': bfloat16 on a GPU, stable enough here and twice as fast (Jordan 2024); on a CPU it depends on the
-    CPU (fastest_ns_dtype), so float32 unless Muon is told or times it."""
+    """'default': bfloat16 on a GPU, stable enough here and twice as fast (Jordan 2024); on a CPU it depends
+    on the CPU (fastest_ns_dtype), so float32 unless Muon is told or times it."""
     return 'bfloat16' if device.type == 'cuda' else 'float32'
 
 
 def fastest_ns_dtype(shapes, steps, device, reps=5):
-    """'float32' or 'bfloat16', whichever runs Newton-Schulz faster here on stacks of these (count, rows, cols).
-    A GPU is always bfloat16. A CPU differs by model (0.6x the time in bfloat16 with AVX-512 bf16 instructions,
-    slower without them: BENCHMARKS.md), so it is timed: a warm-up and the best of `reps` runs each, about a second."""
+    """'float32' or 'bfloat16', whichever runs Newton-Schulz faster here on stacks of these
+    (count, rows, cols). A GPU is always bfloat16. A CPU differs by model (0.6x the time in bfloat16 with
+    AVX-512 bf16 instructions, slower without them: BENCHMARKS.md), so it is timed: a warm-up and the best of
+    `reps` runs each, about a second."""
     if device.type == 'cuda':
         return 'bfloat16'
     stacks = [torch.randn(*s, device=device) for s in shapes]
@@ -71,9 +72,9 @@ def fastest_ns_dtype(shapes, steps, device, reps=5):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
-    """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own. Muon.step
-    stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace 168 small ones.
-    dtype: of the iteration (default: ns_dtype(device)'s); the result comes back in it."""
+    """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own.
+    Muon.step stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace
+    168 small ones. dtype: of the iteration (default: ns_dtype(device)'s); the result comes back in it."""
     # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
     # maximise the slope at 0, so 5 steps push all singular values into roughly
     # [0.7, 1.2] rather than exactly 1, which does not hurt training.
@@ -83,7 +84,8 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # iterate on the smaller Gram matrix X X^T
-    X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)  # Frobenius norm >= spectral norm, so all singular values <= 1
+    # Frobenius norm >= spectral norm, so all singular values <= 1
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + eps)
     for _ in range(steps):
         A = X @ X.mT
         # baddbmm rounds to bfloat16 once, not after each product and sum: ~3x closer to float64
@@ -97,9 +99,9 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
                  weight_decay=0.0, adjust_lr='match_rms_adamw', ns_dtype='default'):
-        """ns_dtype: the Newton-Schulz iteration's dtype, 'default' (bfloat16 on a GPU, float32 on a CPU), 'auto'
-        (fastest_ns_dtype, timed on these parameters' shapes), 'float32' or 'bfloat16'. The choice is saved with the
-        state dict, so a resumed run, on any machine, keeps it."""
+        """ns_dtype: the Newton-Schulz iteration's dtype, 'default' (bfloat16 on a GPU, float32 on a CPU),
+        'auto' (fastest_ns_dtype, timed on these parameters' shapes), 'float32' or 'bfloat16'. The choice is
+        saved with the state dict, so a resumed run, on any machine, keeps it."""
         if ns_dtype not in NS_DTYPE_CHOICES:
             raise ValueError(f'ns_dtype must be one of {NS_DTYPE_CHOICES}, got {ns_dtype!r}')
         if adjust_lr not in ('match_rms_adamw', 'original'):
@@ -113,11 +115,13 @@ class Muon(torch.optim.Optimizer):
             ns_dtype = fastest_ns_dtype([(k, *s) for s, k in counts.items()], ns_steps, ps[0].device)
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             if distributed and ps[0].device.type != 'cuda':
-                # every rank must gather its share in one dtype: rank 0's timing decides for all (a CPU tensor: gloo)
+                # every rank must gather its share in one dtype: rank 0's timing decides for all
+                # (a CPU tensor: gloo)
                 bf16 = torch.tensor([int(ns_dtype == 'bfloat16')])
                 dist.broadcast(bf16, 0)
                 ns_dtype = 'bfloat16' if bf16.item() else 'float32'
-        # the choice lives in the param groups, so the state dict keeps it: a resumed run goes on in the same dtype
+        # the choice lives in the param groups, so the state dict keeps it:
+        # a resumed run goes on in the same dtype
         for g in self.param_groups:
             g['ns_dtype'] = ns_dtype if ns_dtype in NS_DTYPES else None   # None: ns_dtype(device)
 
@@ -141,8 +145,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # found_inf (torch's GradScaler protocol, as fused AdamW reads it): a tensor, nonzero to skip this step on the
-        # device, weights and momentum untouched; train.py sets it so that no step waits on a host sync
+        # found_inf (torch's GradScaler protocol, as fused AdamW reads it): a tensor, nonzero to skip this
+        # step on the device, weights and momentum untouched; train.py sets it so that no step waits on a
+        # host sync
         found_inf = getattr(self, 'found_inf', None)
         ok = None if found_inf is None else found_inf == 0
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -168,10 +173,13 @@ class Muon(torch.optim.Optimizer):
                 mine = list(zip(grads, bufs))[rank * per:(rank + 1) * per]
                 updates = [g.lerp(buf, momentum) if group['nesterov'] else buf for g, buf in mine]
                 G = torch.stack(updates) if updates else ps[0].new_zeros(0, *shape)
-                dtype = NS_DTYPES.get(group.get('ns_dtype'))   # None (also in checkpoints from before): the device's
-                ortho = zeropower_via_newtonschulz5(G, group['ns_steps'], dtype=dtype)  # (len(updates), *shape)
+                # None (also in checkpoints from before): the device's dtype
+                dtype = NS_DTYPES.get(group.get('ns_dtype'))
+                # ortho: (len(updates), *shape)
+                ortho = zeropower_via_newtonschulz5(G, group['ns_steps'], dtype=dtype)
                 if distributed:
-                    # all_gather needs equal sizes: every rank sends `per` matrices, the last rank's zero-padded
+                    # all_gather needs equal sizes: every rank sends `per` matrices,
+                    # the last rank's zero-padded
                     flat = torch.zeros(per, *shape, dtype=ortho.dtype, device=ortho.device)
                     flat[:len(ortho)] = ortho
                     gathered = [torch.empty_like(flat) for _ in range(world)]

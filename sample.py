@@ -25,8 +25,8 @@ prompt = ''               # one caption ...
 prompts = ''              # ... or a file of captions, one a line
 image_size = 0            # 0 = the training resolution
 num_steps = 50
-cfg_scale = 4.0           # classifier-free guidance: uncond + w * (cond - uncond); 1 = off
-sg_scale = 1.0            # self-guidance: routed + w * (dense - routed), both on the prompt; 1 = off
+cfg_scale = 0.0           # classifier-free guidance: uncond + w * (cond - uncond); 1 = off; 0 = the run's
+sg_scale = 0.0            # self-guidance: routed + w * (dense - routed), both on the prompt; 1 = off; 0 = run's
 shift = 0.0               # the sampler's time shift toward noise; 0 = the training run's t_shift
 use_ema = True
 batch_size = 64
@@ -37,9 +37,10 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 
 
 def guide(dense, uncond, routed, cfg_scale, sg_scale):
-    """Guidance around the dense conditional prediction: dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed).
-    cfg alone is uncond + w (cond - uncond); sg alone is the speedrun's self-guidance routed + w (dense - routed),
-    both passes on the real prompt, the routed one with the training routing (TREAD weakens plain CFG)."""
+    """Guidance around the dense conditional prediction:
+    dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed). cfg alone is uncond + w (cond - uncond); sg
+    alone is the speedrun's self-guidance routed + w (dense - routed), both passes on the real prompt, the
+    routed one with the training routing (TREAD weakens plain CFG)."""
     out = dense
     if cfg_scale != 1:
         out = out + (cfg_scale - 1) * (dense - uncond)
@@ -49,10 +50,11 @@ def guide(dense, uncond, routed, cfg_scale, sg_scale):
 
 
 @torch.no_grad()
-def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen, progress=False,
-             start=None, from_t=0.0):
-    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step. With start
-    (B,3,H,W) clean images and from_t > 0: from those images noised to t = from_t instead (eval.py's from_t)."""
+def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen,
+             progress=False, start=None, from_t=0.0):
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step. With
+    start (B,3,H,W) clean images and from_t > 0: from those images noised to t = from_t instead
+    (eval.py's from_t)."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
@@ -63,17 +65,21 @@ def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, n
     z = torch.randn(B, 3, size, size, generator=gen, device=device) * noise_scale
     if start is not None:
         z = from_t * start.to(device) + (1 - from_t) * z
+    # self-guidance's routed pass: one TREAD draw per image, kept over every step (PRX seeds it once a batch)
+    route = torch.rand(B, (size // p) ** 2, generator=gen, device=device) if sg_scale != 1 else None
     ts = from_t + (1 - from_t) * shift_t(torch.linspace(0, 1, steps + 1, device=device), shift)
     for i in range(steps):
         t = ts[i].expand(B)
         x_uncond = x_routed = None
         if cfg_scale != 1:
-            x, x_uncond = model(torch.cat([z, z]), torch.cat([t, t]), text, mask, route=False)[0].float().chunk(2)
+            x, x_uncond = model(torch.cat([z, z]), torch.cat([t, t]), text, mask,
+                                route=False)[0].float().chunk(2)
         else:
             x = model(z, t, text, mask, route=False)[0].float()
         if sg_scale != 1:
-            x_routed = model(z, t, text[:B], mask[:B], route=True)[0].float()
-        v = (guide(x, x_uncond, x_routed, cfg_scale, sg_scale) - z) / (1 - ts[i]).clamp_min(V_CLIP)  # as in training
+            x_routed = model(z, t, text[:B], mask[:B], route=route)[0].float()
+        # as in training: 1 - t clipped at V_CLIP
+        v = (guide(x, x_uncond, x_routed, cfg_scale, sg_scale) - z) / (1 - ts[i]).clamp_min(V_CLIP)
         z = z + (ts[i + 1] - ts[i]) * v
         if progress:
             print(f'\rsampling: step {i + 1}/{steps}', end='', file=sys.stderr, flush=True)
@@ -98,25 +104,37 @@ def save_grid(imgs, path):
     Image.fromarray(grid).save(path)
 
 
-def write_grid(model, encode, captions, path, size, steps, cfg_scale, shift, noise_scale, seed):
+def write_grid(model, encode, captions, path, size, steps, cfg_scale, sg_scale, shift, noise_scale, seed):
     """A PNG grid of one sample per caption, from a fixed seed: train.py's progress pictures."""
     gen = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    imgs = generate(model, encode, captions, size, steps, cfg_scale, 1.0, shift, noise_scale, gen)
+    imgs = generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen)
     save_grid(imgs, path)
 
 
+def read_prompts(path):
+    """The captions of a prompts file, one a line (blank lines skipped); a clear exit if there are none."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{path}: no such file (want a prompts file, one caption a line)')
+    captions = [line.strip() for line in open(path) if line.strip()]
+    if not captions:
+        raise SystemExit(f'{path}: no captions in the file')
+    return captions
+
+
 def run_dir(source):
-    """The folder where outputs of a model source go: the run folder itself, or the folder of a .safetensors file."""
+    """The folder where outputs of a model source go:
+    the run folder itself, or the folder of a .safetensors file."""
     return os.path.dirname(source) if source.endswith('.safetensors') else source
 
 
 # the training config values that sampling needs; export.py writes these beside the weights
-SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_scale')
+SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_scale', 'cfg_scale', 'sg_scale')
+GUIDANCE = {'cfg_scale': 4.0, 'sg_scale': 1.0}   # a run's from before these keys were kept: CFG 4 alone
 
 
 def load_model(source, device, use_ema=True):
-    """The model (EMA weights by default), its text encoder's encode(), and the config sampling needs, from a run's
-    folder (its ckpt.pt) or from a .safetensors file written by export.py."""
+    """The model (EMA weights by default), its text encoder's encode(), and the config sampling needs, from a
+    run's folder (its ckpt.pt) or from a .safetensors file written by export.py."""
     from text import load_text_encoder
     from model import DiT, DiTConfig
     if source.endswith('.safetensors'):
@@ -134,11 +152,11 @@ def load_model(source, device, use_ema=True):
     model.load_state_dict(state)
     dt = torch.bfloat16 if device.startswith('cuda') else torch.float32
     encode = load_text_encoder(cfg['text_encoder'], cfg['text_len'], device, dt)
-    return model.to(device).eval(), encode, cfg
+    return model.to(device).eval(), encode, {**GUIDANCE, **{k: v for k, v in cfg.items() if v is not None}}
 
 
-def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size, seed,
-                  device, dtype, starts=None, from_t=0.0):
+def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size,
+                  seed, device, dtype, starts=None, from_t=0.0):
     """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png); with
     starts (N,3,H,W) and from_t, each from its start image noised to from_t (generate)."""
     os.makedirs(samples_dir, exist_ok=True)
@@ -168,18 +186,11 @@ if __name__ == '__main__':
             raise SystemExit(f'config error: {key}={value}, want an integer >= 1')
     if bool(prompt) == bool(prompts):
         raise SystemExit('give exactly one of --prompt="a caption" or --prompts=FILE (one caption a line)')
-    if prompts:
-        if not os.path.isfile(prompts):
-            raise SystemExit(f'--prompts={prompts}: no such file')
-        captions = [line.strip() for line in open(prompts) if line.strip()]
-        if not captions:
-            raise SystemExit(f'--prompts={prompts}: no captions in the file')
-    else:
-        captions = [prompt]
-    torch.manual_seed(seed)  # self-guidance's routing draws from the global RNG
+    captions = read_prompts(prompts) if prompts else [prompt]
     model, encode, cfg = load_model(out_dir, device, use_ema)
     cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
+    cfg_scale, sg_scale = cfg_scale or cfg['cfg_scale'], sg_scale or cfg['sg_scale']   # 0: the run's own
     samples_dir = samples_dir or os.path.join(run_dir(out_dir), 'samples')
-    sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps, cfg_scale,
-                  sg_scale, batch_size, seed, device, dtype)
+    sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps,
+                  cfg_scale, sg_scale, batch_size, seed, device, dtype)
     print(f'wrote {len(captions)} images to {samples_dir}')

@@ -1,7 +1,7 @@
 """
-The shapes set (docs/shapes.md): captioned images drawn on the fly, whose captions can be checked exactly against
-the pixels. The generator, the caption grammar, the exact scorer (a small GenEval) and the evaluation prompts.
-`python train.py` trains on it by default; eval.py scores generated images with score().
+The shapes set (docs/shapes.md): captioned images drawn on the fly, whose captions can be checked exactly
+against the pixels. The generator, the caption grammar, the exact scorer (a small GenEval) and the evaluation
+prompts. `python train.py` trains on it by default; eval.py scores generated images with score().
 """
 import random
 import re
@@ -40,7 +40,8 @@ def sample_scene(rng, split='train', n_objects=None):
     for o in objects:
         o['side'] = SIZES[o['size']] * rng.uniform(0.95, 1.05)
         o['dx'], o['dy'] = rng.uniform(-0.02, 0.02), rng.uniform(-0.02, 0.02)
-    objects.sort(key=lambda o: (o['cell'] % 3, o['cell'] // 3))  # A is the left one, or the upper one in a column
+    # A is the left one, or the upper one in a column
+    objects.sort(key=lambda o: (o['cell'] % 3, o['cell'] // 3))
     return {'background': background, 'objects': objects}
 
 
@@ -82,8 +83,8 @@ def shapes_example(seed, index, R, split='train'):
 
 
 def eval_scenes(n=200, seed=12345):
-    """n deterministic (scene, group) evaluation scenes: 40% 'one' and 40% 'two' object scenes of training pairs,
-    20% 'held_out' ones (one or two objects)."""
+    """n deterministic (scene, group) evaluation scenes: 40% 'one' and 40% 'two' object scenes of training
+    pairs, 20% 'held_out' ones (one or two objects)."""
     rng = random.Random(f'eval prompts {seed}')  # a str seed: a stream no integer training seed reaches
     scenes = []
     for i in range(n):
@@ -125,8 +126,10 @@ _TWO = re.compile(rf"{_OBJECT} ({'|'.join(_RELATIONS)}) {_OBJECT}{_BACKGROUND}")
 
 
 def parse_caption(caption):
-    """{'background', 'objects': [{'size', 'color', 'shape'}, ...], and 'cell' (one object) or 'relation' (two)}."""
-    text = ' '.join(caption.lower().split()).rstrip('.')  # forgive case, spacing and a full stop in hand-written prompts
+    """{'background', 'objects': [{'size', 'color', 'shape'}, ...], and 'cell' (one object)
+    or 'relation' (two)}."""
+    # forgive case, spacing and a full stop in hand-written prompts
+    text = ' '.join(caption.lower().split()).rstrip('.')
     if m := _ONE.fullmatch(text):
         size, color, shape, where, background = m.groups()
         return {'background': background, 'objects': [dict(size=size, color=color, shape=shape)],
@@ -184,9 +187,9 @@ def fitted_shape(region):
 
 
 def score_image(img, caption):
-    """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every
-    object of the caption), 'background', and 'correct' (all five); and 'drawn', the fitted shape of each object of
-    the caption in order (None where no region of its colour was found), for shape_confusion."""
+    """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every object of the
+    caption), 'background', and 'correct' (all five); and 'drawn', the fitted shape of each object of the
+    caption in order (None where no region of its colour was found), for shape_confusion."""
     p = parse_caption(caption)
     R = img.shape[0]
     assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
@@ -221,9 +224,10 @@ def score_image(img, caption):
             checks['position'] &= int(cy * 3 // R) * 3 + int(cx * 3 // R) == p['cell']
         else:
             (ax, ay), (bx, by) = centroids
-            checks['position'] &= {'left': ax < bx, 'right': ax > bx, 'above': ay < by, 'below': ay > by}[p['relation']]
-    # background: the median pixel (per channel) is nearest to the named background; objects cover at most ~14%
-    # of the image, so the median is a background pixel whenever the background is right
+            checks['position'] &= {'left': ax < bx, 'right': ax > bx, 'above': ay < by,
+                                   'below': ay > by}[p['relation']]
+    # background: the median pixel (per channel) is nearest to the named background; objects cover at most
+    # ~14% of the image, so the median is a background pixel whenever the background is right
     median = np.median(img.reshape(-1, 3).astype(np.float32), axis=0)
     nearest = min(BACKGROUNDS, key=lambda b: np.linalg.norm(median - np.array(BACKGROUNDS[b], np.float32)))
     checks['background'] = nearest == p['background']
@@ -248,11 +252,12 @@ def rates(results, groups):
 
 
 def shape_confusion(results, captions, groups):
-    """From score_image's results, per group ('one', 'two', 'held_out', 'all'): how often each shape a caption asks
-    for was drawn as each shape ('none': no region of its colour). Two-object groups also count, of the objects drawn
-    with a wrong shape whose partner asks for another shape, how many took the partner's ('partner': a binding leak;
-    chance is half), and per-object shape errors apart for pairs that ask for one shape twice and for two different
-    shapes ('pairs'): only the second must bind each shape word to its own object, so the gap is binding's cost."""
+    """From score_image's results, per group ('one', 'two', 'held_out', 'all'): how often each shape a
+    caption asks for was drawn as each shape ('none': no region of its colour). Two-object groups also count,
+    of the objects drawn with a wrong shape whose partner asks for another shape, how many took the partner's
+    ('partner': a binding leak; chance is half), and per-object shape errors apart for pairs that ask for one
+    shape twice and for two different shapes ('pairs'): only the second must bind each shape word to its own
+    object, so the gap is binding's cost."""
     out = {}
     for r, c, g in zip(results, captions, groups, strict=True):
         asked, drawn = [o['shape'] for o in parse_caption(c)['objects']], r['drawn']
@@ -266,7 +271,8 @@ def shape_confusion(results, captions, groups):
                     if d is not None and d != a and other != a:
                         leak['wrong'] += 1
                         leak['took_partner'] += d == other
-                pairs = m.setdefault('pairs', {k: {'objects': 0, 'wrong': 0} for k in ('same_shape', 'different')})
+                pairs = m.setdefault('pairs', {k: {'objects': 0, 'wrong': 0}
+                                               for k in ('same_shape', 'different')})
                 p = pairs['same_shape' if asked[0] == asked[1] else 'different']
                 p['objects'] += 2
                 p['wrong'] += sum(d != a for a, d in zip(asked, drawn))
@@ -274,6 +280,7 @@ def shape_confusion(results, captions, groups):
 
 
 def full_report(images, captions, groups):
-    """score()'s report and shape_confusion's 'shapes', from one scoring of each image: what eval.py writes."""
+    """score()'s report and shape_confusion's 'shapes', from one scoring of each image:
+    what eval.py writes."""
     results = [score_image(img, c) for img, c in zip(images, captions, strict=True)]
     return {**rates(results, groups), 'shapes': shape_confusion(results, captions, groups)}

@@ -1,7 +1,7 @@
 """
-Text: captions -> (text, mask), mask (B, L) bool, True = real token. 'bytes' gives byte ids that the model's own
-trainable ByteTextEncoder reads (model.py, so DDP and the optimizer see it); a Hugging Face name gives a frozen
-encoder's hidden states, read from cache_text.py's cache where it has them.
+Text: captions -> (text, mask), mask (B, L) bool, True = real token. 'bytes' gives byte ids that the model's
+own trainable ByteTextEncoder reads (model.py, so DDP and the optimizer see it); a Hugging Face name gives a
+frozen encoder's hidden states, read from cache_text.py's cache where it has them.
 """
 import hashlib
 import json
@@ -12,15 +12,16 @@ import torch
 import torch.nn as nn
 
 # Both turn a list of captions into (text, mask): mask (B, L) bool, True = real token.
-# 'bytes' returns byte ids, embedded by the small trainable ByteTextEncoder that lives inside the model (model.py,
-# so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
+# 'bytes' returns byte ids, embedded by the small trainable ByteTextEncoder that lives inside the model
+# (model.py, so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
 
 BOS = 256  # every byte caption starts with it, so even the empty caption has one real token to attend to
 
 
 def tokenize_bytes(captions, max_len):
-    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model never
-    recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no keys)."""
+    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model
+    never recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no
+    keys)."""
     rows = [[BOS] + list(c.encode('utf-8'))[:max_len - 1] for c in captions]
     ids = torch.zeros(len(rows), max_len, dtype=torch.long)
     mask = torch.zeros(len(rows), max_len, dtype=torch.bool)
@@ -31,15 +32,18 @@ def tokenize_bytes(captions, max_len):
 
 
 def to_device(t, device):
-    """A host tensor on `device`; on a GPU pinned and non-blocking: a copy from pageable memory waits for the GPU."""
+    """A host tensor on `device`; on a GPU pinned and non-blocking:
+    a copy from pageable memory waits for the GPU."""
     if torch.device(device).type != 'cuda':
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
 class HFTextEncoder(nn.Module):
-    """Any Hugging Face encoder by name (the speedrun: T5Gemma's encoder, 256 tokens), frozen, with its padding mask.
-    `model`/`tokenizer` objects may be passed instead of downloading (tests build tiny random ones)."""
+    """Any Hugging Face text encoder by hub name or local folder, frozen, with its padding mask: the encoder
+    of an encoder-decoder model (the speedrun: T5Gemma's, 256 tokens) or a whole encoder-only one (BERT,
+    MiniLM).
+    `model`/`tokenizer` objects may be passed instead of loading (tests build tiny random ones)."""
 
     def __init__(self, name, max_len, device='cpu', dtype=torch.float32, model=None, tokenizer=None):
         super().__init__()
@@ -47,7 +51,10 @@ class HFTextEncoder(nn.Module):
         self.max_len = max_len
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
         model = model if model is not None else AutoModel.from_pretrained(name, dtype=dtype)
-        self.encoder = (model.get_encoder() if hasattr(model, 'get_encoder') else model).to(device, dtype)
+        # an encoder-decoder model (T5, T5Gemma) gives its encoder; an encoder-only one (BERT) stays whole: its
+        # get_encoder() is the bare layer stack, without the embeddings
+        encoder_decoder = getattr(model, 'decoder', None) is not None
+        self.encoder = (model.get_encoder() if encoder_decoder else model).to(device, dtype)
         self.encoder.requires_grad_(False).eval()
         self.dim = self([''])[0].shape[-1]
 
@@ -56,7 +63,8 @@ class HFTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions):
-        tok = self.tokenizer(captions, padding='max_length', max_length=self.max_len, truncation=True, return_tensors='pt')
+        tok = self.tokenizer(captions, padding='max_length', max_length=self.max_len, truncation=True,
+                             return_tensors='pt')
         device = next(self.encoder.parameters()).device
         ids, mask = to_device(tok['input_ids'], device), to_device(tok['attention_mask'], device).bool()
         return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
@@ -66,7 +74,11 @@ def cache_errors(cache, name, max_len):
     """What is wrong with a text_cache folder for this encoder, before any work."""
     if cache and name == 'bytes':
         return [f"text_cache={cache!r}: the bytes encoder trains with the model, there is nothing to cache"]
-    if cache and os.path.isfile(os.path.join(cache, 'meta.json')):
+    if cache and not os.path.isfile(os.path.join(cache, 'meta.json')):
+        return [f'text_cache={cache!r} holds no cache (no meta.json): write it first, python cache_text.py '
+                f'<config> --text_cache={cache}, or set text_cache=\'\' to encode every caption on the fly '
+                '(about 1.3x the denoiser\'s work at the speedrun\'s size)']
+    if cache:
         meta = json.load(open(os.path.join(cache, 'meta.json')))
         if (meta['encoder'], meta['text_len']) != (name, max_len):
             return [f"text_cache={cache!r} holds {meta['encoder']} states of {meta['text_len']} tokens, "
@@ -75,19 +87,24 @@ def cache_errors(cache, name, max_len):
 
 
 def load_text_encoder(name, max_len, device='cpu', dtype=torch.float32, pretrained=True, cache=''):
-    """Returns encode(captions) -> (text, mask) on `device`: byte ids for 'bytes', frozen states otherwise, read from
-    cache_text.py's `cache` folder where it exists."""
+    """Returns encode(captions) -> (text, mask) on `device`: byte ids for 'bytes', frozen states otherwise,
+    read from cache_text.py's `cache` folder where it exists."""
     if name == 'bytes':
         return lambda captions: tuple(to_device(a, device) for a in tokenize_bytes(captions, max_len))
-    if cache and os.path.isfile(os.path.join(cache, 'meta.json')):
+    if cache and not os.path.isfile(os.path.join(cache, 'meta.json')):
+        return [f'text_cache={cache!r} holds no cache (no meta.json): write it first, python cache_text.py '
+                f'<config> --text_cache={cache}, or set text_cache=\'\' to encode every caption on the fly '
+                '(about 1.3x the denoiser\'s work at the speedrun\'s size)']
+    if cache:
         return TextCache(cache, max_len, device, dtype, lambda: HFTextEncoder(name, max_len, device, dtype))
     return HFTextEncoder(name, max_len, device, dtype)
 
 
-# The text-embedding cache (cache_text.py writes it): each caption's frozen states, bf16, its real tokens only, in
-# shards chosen by the caption's hash. Shard p holds p.keys.npy (sorted 64-bit caption hashes), p.offsets.npy (the
-# first row of each caption, and the end) and p.bin (the rows, bf16 as uint16, `dim` wide); keys.npy is written last,
-# so a shard without it is unfinished and its captions are encoded on the fly.
+# The text-embedding cache (cache_text.py writes it): each caption's frozen states, bf16, its real tokens
+# only, in shards chosen by the caption's hash. Shard p holds p.keys.npy (sorted 64-bit caption hashes),
+# p.offsets.npy (the first row of each caption, and the end) and p.bin (the rows, bf16 as uint16, `dim`
+# wide); keys.npy is written last, so a shard without it is unfinished and its captions are encoded on the
+# fly.
 
 def caption_hash(caption):
     return int.from_bytes(hashlib.sha1(caption.encode('utf-8')).digest()[:8], 'little')
@@ -98,8 +115,9 @@ def cache_shard(path, p):
 
 
 class TextCache:
-    """encode(captions) -> (text (B, max_len, dim), mask) like HFTextEncoder's, read from the cache; captions missing
-    from it go to fallback(), an encoder built on the first miss (a complete cache never loads the encoder)."""
+    """encode(captions) -> (text (B, max_len, dim), mask) like HFTextEncoder's, read from the cache; captions
+    missing from it go to fallback(), an encoder built on the first miss (a complete cache never loads the
+    encoder)."""
 
     def __init__(self, path, max_len, device, dtype, fallback):
         meta = json.load(open(os.path.join(path, 'meta.json')))
@@ -114,8 +132,10 @@ class TextCache:
         if p not in self.shards:
             base = cache_shard(self.path, p)
             done = os.path.isfile(base + '.keys.npy')
-            self.shards[p] = (np.load(base + '.keys.npy', mmap_mode='r'), np.load(base + '.offsets.npy', mmap_mode='r'),
-                              np.memmap(base + '.bin', np.uint16, 'r').reshape(-1, self.dim)) if done else None
+            self.shards[p] = ((np.load(base + '.keys.npy', mmap_mode='r'),
+                               np.load(base + '.offsets.npy', mmap_mode='r'),
+                               np.memmap(base + '.bin', np.uint16, 'r').reshape(-1, self.dim))
+                              if done else None)
         if self.shards[p] is None:
             return None
         keys, offsets, rows = self.shards[p]
@@ -134,7 +154,8 @@ class TextCache:
                 found[i] = s[m]
         text = torch.zeros(len(captions), self.max_len, self.dim, dtype=self.dtype)
         mask = torch.zeros(len(captions), self.max_len, dtype=torch.bool)
-        for i, f in enumerate(found):   # padded to max_len like the encoder's own output: static shapes for compile
+        # padded to max_len like the encoder's own output: static shapes for compile
+        for i, f in enumerate(found):
             text[i, :len(f)], mask[i, :len(f)] = f.to(self.dtype), True
         return text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
 

@@ -7,7 +7,9 @@ Train a pixel-space text-to-image diffusion transformer. One plain loop, one pro
 
 Config: the module-level defaults below, overridden by config files and --key=value (configurator.py).
 """
+import atexit
 import copy
+import inspect
 import json
 import os
 import resource
@@ -21,10 +23,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import init_errors, load_checkpoint, restore, save_checkpoint, stage_errors
-from data import BAD_REASONS, Mixture, StepBatches, to_model_images
+from data import BAD_REASONS, Mixture, StepBatches, quiet_worker, to_model_images
 from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig
 import muon
+from sample import read_prompts
+from shapes import eval_prompts
 from text import cache_errors, load_text_encoder
 
 # -----------------------------------------------------------------------------
@@ -34,14 +38,14 @@ out_dir = 'out'
 log_interval = 50
 sample_interval = 2000    # write a grid of EMA samples every N steps (0 = never)
 ckpt_interval = 2000      # and a checkpoint (always one at the end)
-keep_ckpts = 1            # ckpt.pt is the latest; with K > 1 the K latest are also kept as ckpt_0001000.pt, ...
-init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint path: a new stage (checkpoint.py)
+keep_ckpts = 1            # K > 1 also keeps the K latest as ckpt_0001000.pt, ...
+init_from = 'scratch'     # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint: a new stage
 max_iters = 100_000
 time_budget = 0.0         # seconds; stop once the loop has run this long (0 = off)
-# data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards, weighted (data.py, docs/data.md)
+# data: {'shapes': 1.0} is the built-in set; other keys are folders or tar shards, weighted (docs/data.md)
 data = {'shapes': 1.0}
 min_image_size = 256      # images whose shorter side is below this are skipped as bad
-max_bad_fraction = 0.01   # a source with more bad samples than this (corrupt, too small, no caption) stops the run
+max_bad_fraction = 0.01   # a source with more bad samples than this (corrupt, no caption, ...) stops the run
 random_crop = False       # a random square crop instead of the centre one
 hflip = False             # mirror half the images (wrong for captions that say left or right)
 image_size = 512
@@ -50,47 +54,40 @@ micro_batch = 32          # images per process per forward; 0 = batch_size / pro
 num_workers = 8
 text_cache = ''           # a folder of cache_text.py's frozen-encoder states
 caption_dropout = 0.1     # for classifier-free guidance
-# model and objective: each field of model.DiTConfig and losses.LossConfig is a key, at the recipe's value there
-# (patch_size, n_layer, n_embd, text_encoder, text_len, pred, route_ratio, repa_block, t_shift, v_clip, ...)
-globals().update({k: v for k, v in asdict(DiTConfig()).items() if k != 'repa_dim'})   # repa_dim: the teacher's
+# the model, the objective and the optimizers: every field of model.DiTConfig and losses.LossConfig and every
+# argument of DiT.configure_optimizers is a key here, at the recipe's value there (docs/config.md lists them)
+globals().update({k: v for k, v in asdict(DiTConfig()).items() if k != 'repa_dim'})   # the teacher's
 globals().update(asdict(LossConfig()))
+globals().update({k: p.default for k, p in inspect.signature(DiT.configure_optimizers).parameters.items()
+                  if k not in ('self', 'fused')})
 repa_teacher = 'vit_large_patch16_dinov3'
 dino_model = 'vit_base_patch14_reg4_dinov2'
 teachers_pretrained = True   # False builds random teachers (tests, no download)
-# optimizer: Muon for the blocks' 2D matrices, Adam for the rest (model.configure_optimizers)
-optimizer = 'muon'        # or 'adamw' for everything
-learning_rate = 1e-4      # Adam's
-betas = (0.9, 0.95)
-eps = 1e-8
-weight_decay = 0.0
-muon_lr = 1e-4            # update RMS matched to AdamW's (muon_adjust_lr), so comparable with learning_rate
-muon_momentum = 0.95
-muon_weight_decay = 0.0
-muon_adjust_lr = 'match_rms_adamw'
-muon_ns_steps = 5         # Newton-Schulz steps per update
-muon_ns_dtype = 'default'  # 'default' (bf16 on a GPU, else fp32), 'float32', 'bfloat16' or 'auto' (muon.py)
-muon_adaln = True         # the blocks' adaLN matrices on Muon too; off, AdamW takes them
 warmup_iters = 1000
 cooldown_iters = 0        # LR falls linearly to 0 over the last N steps (0 = constant to the end)
 grad_clip = 0.2
-max_bad_steps = 10        # steps with a non-finite loss or gradient are skipped; this many in a row stop the run
+max_bad_steps = 10        # a step with a non-finite loss or gradient is skipped; this many in a row stop
 fault_nan_step = 0        # tests: make the loss NaN at this step (0 = never)
 ema_decay = 0.999
 ema_interval = 10         # update the EMA every N steps
 ema_warmup = False        # decay min(ema_decay, (1+n)/(10+n)) after n updates: short runs need it
 sample_steps = 50         # Euler steps of the grids
-cfg_scale = 4.0
-# learning curve (the shapes set only): every eval_interval steps, eval.py's score of the EMA model on eval_n prompts
+# guidance of the grids, and sample.py's and eval.py's default for this run: self-guidance against TREAD's
+# routed model, routed + sg_scale (dense - routed), in place of CFG (PRX); cfg_scale: classifier-free, 1 = off
+cfg_scale = 1.0
+sg_scale = 3.5
+grid_prompts = ''         # a file of the grids' captions ('': the data's first 16); cache_text.py caches them
+# learning curve (shapes set): every eval_interval steps, eval.py's score of the EMA model on eval_n prompts
 eval_interval = 0         # 0 = off
 eval_n = 50
 eval_steps = 20
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
-compile = True            # torch.compile the denoiser and the frozen teachers (on a CPU it needs gcc or clang)
-ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets this big; compiled, each overlaps the backward
+compile = True            # torch.compile the denoiser and the frozen teachers (a CPU needs gcc or clang)
+ddp_bucket_mb = 25        # DDP all-reduces gradients in buckets this big, each overlapping the backward
 seed = 1337
-# ---- the shapes set's departures: a 2-core CPU in 15 minutes; docs/experiments.md says how each was found ----
+# ---- the shapes set's departures: a 2-core CPU, 15 minutes (docs/experiments.md: how each was found) ----
 log_interval, sample_interval, ckpt_interval = 10, 1000, 1000
 max_iters = 20000         # a cap: the run stops on its clock first
 time_budget = 860.0       # 14 min 20 s in the loop: the 15 minutes less start-up and the last checkpoint
@@ -110,13 +107,14 @@ muon_ns_steps, muon_ns_dtype, muon_adaln = 3, 'auto', False   # a cheaper Muon o
 warmup_iters, grad_clip = 300, 1.0
 ema_interval, ema_warmup = 1, True
 sample_steps, eval_interval = 25, 1000
+cfg_scale, sg_scale = 4.0, 1.0   # CFG: self-guidance needs TREAD, which the default leaves off
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
 
 def model_args_of(**widths):
-    """DiTConfig's arguments: the config's keys, and the widths that the text encoder and REPA's teacher bring."""
+    """DiTConfig's arguments: the config's keys, and the widths the text encoder and REPA's teacher bring."""
     return {**{k: config[k] for k in DiTConfig.__dataclass_fields__ if k in config}, **widths}
 
 
@@ -124,7 +122,7 @@ def config_errors():
     """The mistakes that the model's, the loss's and the data's own checks cannot see, before any work."""
     choices = {'optimizer': ('adamw', 'muon'), 'dtype': ('float32', 'bfloat16', 'float16'),
                'muon_ns_dtype': muon.NS_DTYPE_CHOICES}
-    errors = [f'{k}={config[k]!r}, want one of {want}' for k, want in choices.items() if config[k] not in want]
+    errors = [f'{k}={config[k]!r}, want one of {c}' for k, c in choices.items() if config[k] not in c]
     lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1,
               'warmup_iters': 1, 'cooldown_iters': 0, 'ema_interval': 1, 'image_size': 1, 'eval_n': 1,
               'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0}
@@ -139,8 +137,9 @@ def config_errors():
         except ValueError as e:
             errors += str(e).splitlines()
     if cooldown_iters and time_budget > 0:
-        errors.append(f'cooldown_iters={cooldown_iters} counts back from max_iters={max_iters}, but time_budget='
-                      f'{time_budget} may stop the run before it: set --time_budget=0 with a cooldown')
+        errors.append(f'cooldown_iters={cooldown_iters} counts back from max_iters={max_iters}, but '
+                      f'time_budget={time_budget} may stop the run before it: set --time_budget=0 with a '
+                      'cooldown')
     errors += Mixture.config_errors(data, max_bad_fraction)
     return errors + cache_errors(text_cache, text_encoder, text_len) + init_errors(init_from, out_dir)
 
@@ -161,8 +160,8 @@ else:
 master = rank == 0
 micro = micro_batch or batch_size // world
 if batch_size % (micro * world):
-    raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x {world} '
-                     'processes')
+    raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x '
+                     f'{world} processes')
 # Training draws nothing from the global RNG: t, noise, caption dropout and TREAD's route come from each
 # micro-batch's own generator (the loop), so a checkpoint needs no RNG state and a resume on any number of
 # processes continues exactly. The seed fixes the initial weights (DDP copies rank 0's to the others anyway).
@@ -176,8 +175,8 @@ if device_type == 'cuda':
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
-encode = load_text_encoder(text_encoder, text_len, device, ptdtype if device_type == 'cuda' else torch.float32,
-                           cache=text_cache)
+text_dtype = ptdtype if device_type == 'cuda' else torch.float32
+encode = load_text_encoder(text_encoder, text_len, device, text_dtype, cache=text_cache)
 teacher = load_repa_teacher(repa_teacher, teachers_pretrained).to(device) if repa_weight > 0 else None
 model_args = model_args_of(text_dim=text_dim if text_encoder == 'bytes' else encode.dim,
                            repa_dim=teacher.num_features if teacher is not None else 0)
@@ -190,11 +189,13 @@ raw = DiT(DiTConfig(**model_args)).to(device)   # `raw` is the module itself: it
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
 dino_net = load_dino(dino_model, teachers_pretrained).to(device) if dino_weight > 0 else None
-if device_type == 'cuda':   # frozen teachers held in the autocast dtype: half the weight traffic, no casts a step
+# frozen teachers held in the autocast dtype: half the weight traffic, no casts a step
+if device_type == 'cuda':
     for net in (teacher, lpips_net, dino_net):
         if net is not None:
             net.to(ptdtype)
-if compile:   # the teachers too, a third of the speedrun step (BENCHMARKS.md); losses.py calls forward_features
+# the teachers too, a third of the speedrun step (BENCHMARKS.md); losses.py calls forward_features
+if compile:
     for net in (teacher, dino_net):
         if net is not None:
             net.forward_features = torch.compile(net.forward_features)
@@ -203,12 +204,16 @@ if compile:   # the teachers too, a third of the speedrun step (BENCHMARKS.md); 
 loss_cfg = LossConfig.from_config(config)
 opts = raw.configure_optimizers(optimizer, learning_rate, betas, eps, weight_decay, muon_lr, muon_momentum,
                                 muon_weight_decay, muon_adjust_lr, muon_ns_steps=muon_ns_steps,
-                                muon_adaln=muon_adaln, muon_ns_dtype=muon_ns_dtype)   # [AdamW] or [AdamW, Muon]
+                                muon_adaln=muon_adaln, muon_ns_dtype=muon_ns_dtype)   # [AdamW(, Muon)]
 for opt in opts:
     for g in opt.param_groups:
         g['base_lr'] = g['lr']   # the configured lr; the schedule sets g['lr'] = base_lr * lr_mult each step
-step = restore(ckpt, raw, ema, opts) if ckpt is not None else 0
+step, first_sample, changed = 0, 0, []
+if ckpt is not None:   # the optimizers' settings stay this run's; an 'auto' Newton-Schulz dtype keeps its own
+    keep = ('ns_dtype',) if muon_ns_dtype == 'auto' else ()
+    step, first_sample, changed = restore(ckpt, raw, ema, opts, keep)
 del ckpt
+first_step = step
 model = raw   # what the step calls: raw, in DDP and/or compiled
 if ddp:
     model = ddp_model = DDP(raw, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None,
@@ -216,24 +221,52 @@ if ddp:
 if compile:   # DDP inside the compiled module, not around it: only then can dynamo overlap the all-reduces
     model = torch.compile(model)
 
+
+def micro_seed(step, m):
+    """(seed, step, micro-batch m) -> one integer (1_000_003: a prime above any step; 4096: above any m)."""
+    return (seed * 1_000_003 + step) * 4096 + m
+
+
+def cached_text(captions, step, m):
+    """A micro-batch's text states from the text-embedding cache, looked up in a loader worker: the main
+    process only copies them (pinned) to the device. Caption dropout draws from a host generator of the
+    micro-batch's seed, as the loop does on a GPU (reading a GPU draw back would be a host sync)."""
+    cap_gen = torch.Generator().manual_seed(micro_seed(step, m))
+    return host_encode(drop_captions(captions, caption_dropout, cap_gen))
+
+
+if text_cache:   # the workers' own reader of the cache, on the host
+    host_encode = load_text_encoder(text_encoder, text_len, 'cpu', text_dtype, cache=text_cache)
 if ddp and not master:
-    dist.barrier()   # rank 0 indexes new folders and shard sets (once, beside the data); the others then read its index
+    # rank 0 indexes new folders and shard sets (once, beside the data); the others then read its index
+    dist.barrier()
 mixture = Mixture(data, image_size, seed, min_image_size, random_crop, hflip, max_bad_fraction)
 if ddp and master:
     dist.barrier()
-step_batches = StepBatches(mixture, batch_size, micro, rank, world, start_step=step)
-accum = step_batches.accum   # micro-batches per process per step: StepBatches cuts each global batch into them
+step_batches = StepBatches(mixture, batch_size, micro, rank, world, start_step=step,
+                           start_sample=first_sample, text=cached_text if text_cache else None)
+# micro-batches per process per step: StepBatches cuts each global batch into them
+accum = step_batches.accum
 loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
-                                          persistent_workers=num_workers > 0, pin_memory=device_type == 'cuda'))
+                                          persistent_workers=num_workers > 0, worker_init_fn=quiet_worker,
+                                          pin_memory=device_type == 'cuda'))
+if num_workers:   # at exit, multiprocessing stops workers with SIGTERM, which they ignore: the loader stops them first
+    atexit.register(loader._shutdown_workers)
+curve = eval_interval > 0 and set(data) == {'shapes'}   # the learning curve scores shapes-set prompts only
+if master and sample_interval:   # the grids' captions: a file's, else the shapes set's or the data's first
+    grid_captions = (read_prompts(grid_prompts) if grid_prompts else [c for c, _ in eval_prompts(16)]
+                     if set(data) == {'shapes'} else mixture.captions(16))
+if master and changed:
+    print(f"{init_from}: this run's optimizer settings replace the checkpoint's: " + ', '.join(changed))
 if master:
-    ns = (opts[1].param_groups[0]['ns_dtype'] or muon.ns_dtype(torch.device(device))) if optimizer == 'muon' else ''
-    print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} accumulation '
-          f'= batch {batch_size} | {device} {dtype}' + (f' | Newton-Schulz in {ns}' if ns else ''))
+    ns = opts[1].param_groups[0]['ns_dtype'] or muon.ns_dtype(torch.device(device)) if len(opts) > 1 else ''
+    print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} '
+          f'accumulation = batch {batch_size} | {device} {dtype}' + (f' | Newton-Schulz in {ns}' * bool(ns)))
 
 
 @torch.no_grad()
 def update_ema(n_updates, ok):
-    """ema += ok (1 - decay) (raw - ema); ok: a 0-dim 0/1 tensor, 0 for a skipped step, decided on the device."""
+    """ema += ok (1 - decay) (raw - ema); ok: a 0-dim 0/1 tensor, 0 for a skipped step (on the device)."""
     decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
     ema_params = list(ema.parameters())
     if device_type == 'cpu':   # one pass: 3x faster than the three below
@@ -247,8 +280,9 @@ def update_ema(n_updates, ok):
 
 def optimizer_step():
     """Clip, then step every optimizer unless the loss or a gradient is not finite. The skip is decided on the
-    device (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host sync;
-    DDP has all-reduced the gradients, so every rank skips together. Returns found_inf, 1 for a skipped step."""
+    device (found_inf: fused AdamW and Muon leave weights and state as they were), so no step waits on a host
+    sync; DDP has all-reduced the gradients, so every rank skips together. Returns found_inf, 1 for a skipped
+    step."""
     norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip if grad_clip > 0 else float('inf'),
                                           foreach=True)   # on a CPU too: 1.2x faster than per tensor
     found_inf = (~torch.isfinite(norm)).float()
@@ -260,7 +294,7 @@ def optimizer_step():
 
 
 def count_skipped(skipped):
-    """Report the skipped steps among the last len(skipped) (found_inf of each); stop after max_bad_steps in a row."""
+    """Report the skipped ones among the last len(skipped) steps (found_inf each); stop at max_bad_steps."""
     global bad_steps, bad_in_row
     for s, bad in zip(range(step - len(skipped) + 1, step + 1), torch.stack(skipped).tolist()):
         bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
@@ -269,65 +303,104 @@ def count_skipped(skipped):
             log.write(json.dumps({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
         if bad_in_row >= max_bad_steps:
             raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
-                             f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from {out_dir}/ckpt.pt')
+                             f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from '
+                             f'{out_dir}/ckpt.pt')
     skipped.clear()
 
 
 def stop_now():
-    """One answer for every rank: a signal on any rank, or rank 0's clock past time_budget (each rank's own clock
-    could stop them at different steps and hang the last collectives). Returns None, 'signal' or 'time_budget'."""
-    code = 2.0 if signalled else 1.0 if master and time_budget > 0 and time.time() - t_start > time_budget else 0.0
+    """One answer for every rank: a signal on any rank, or rank 0's clock past time_budget (each rank's own
+    clock could stop them at different steps and hang the last collectives). Returns None, 'signal' or
+    'time_budget'."""
+    late = master and time_budget > 0 and time.time() - t_start > time_budget
+    code = 2.0 if signalled else 1.0 if late else 0.0
     if ddp:
         flag = torch.tensor([code])
-        # a CPU tensor over gloo: agreeing on it never waits for the GPU (an nccl flag read back would, every step)
+        # a CPU tensor over gloo: agreeing on it never waits for the GPU (an nccl flag read back would, every
+        # step)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
         code = flag.item()
     return {0.0: None, 1.0: 'time_budget', 2.0: 'signal'}[code]
 
 
 def checkpoint():
-    save_checkpoint(out_dir, {'model': raw.state_dict(), 'ema': ema.state_dict(), 'step': step, 'config': config,
-                              'optimizers': [o.state_dict() for o in opts], 'model_args': model_args}, keep_ckpts)
+    global saved_step
+    saved_step = step
+    samples = first_sample + (step - first_step) * batch_size   # seen so far: where the next stage goes on
+    save_checkpoint(out_dir, {'model': raw.state_dict(), 'ema': ema.state_dict(), 'step': step,
+                              'samples': samples, 'optimizers': [o.state_dict() for o in opts],
+                              'config': config, 'model_args': model_args}, keep_ckpts)
+
+
+def curve_point():
+    from eval import learning_curve
+    row, line = learning_curve(ema, encode, eval_n, image_size, eval_steps, cfg_scale, sg_scale, t_shift,
+                               noise_scale, seed)
+    print(f'eval step {step}: {line}', flush=True)
+    log.write(json.dumps({'step': step, **row}) + '\n')
+    log.flush()
+
+
+def sample_grid():
+    from sample import write_grid
+    write_grid(ema, encode, grid_captions, os.path.join(out_dir, f'samples_{step:06d}.png'), image_size,
+               sample_steps, cfg_scale, sg_scale, t_shift, noise_scale, seed)
+
+
+def after_checkpoint(what, work):
+    """A learning-curve point or a grid, after the step's checkpoint: a failure is reported and skipped, never
+    the end of the run (a full disk, a prompt the text cache lacks)."""
+    global t_log
+    try:
+        with autocast:
+            work()
+    except Exception as e:
+        print(f'step {step}: the {what} failed and is skipped: {type(e).__name__}: {e}', flush=True)
+    t_log = time.time()   # keep ms_per_step a training number
 
 
 # ---- the loop ----
-# a resumed run goes on with its log; any other run starts a fresh one (two runs' rows in one log read as one run)
+# a resumed run goes on with its log; any other run starts a fresh one (two runs' rows in one log read as one
+# run)
 log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w') if master else None
 t_start = t_log = time.time()
 steps_since_log = bad_steps = bad_in_row = 0
-bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by the loader, this process
+# skipped by the loader, this process
+bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)
 signalled = []  # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: signalled.append(signum))
-stopped_by = None
+stopped_by = saved_step = None
 stop_group = dist.new_group(backend='gloo') if ddp else None
 skipped = []   # found_inf of each step since the last log
 grid_prompts = None
 while step < max_iters and not (stopped_by := stop_now()):
-    # linear warmup, then constant; a linear cooldown to 0 over the last cooldown_iters steps if set (WSD, Hagele
-    # et al. 2024: a short run ends sharper for it)
-    lr_mult = min(1.0, (step + 1) / warmup_iters, (max_iters - step) / cooldown_iters if cooldown_iters else 1.0)
+    # linear warmup, then constant; a linear cooldown to 0 over the last cooldown_iters steps if set (WSD,
+    # Hagele et al. 2024: a short run ends sharper for it)
+    cooldown = (max_iters - step) / cooldown_iters if cooldown_iters else 1.0
+    lr_mult = min(1.0, (step + 1) / warmup_iters, cooldown)
     for opt in opts:
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_mult
     parts_sum = {}
-    for k, (u8, captions, m, bad) in enumerate(next(loader)):
+    for k, (u8, captions, m, bad, host_text) in enumerate(next(loader)):
         bad_samples += bad
-        # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this micro-batch's own
-        # generator: 1 process with accumulation and N processes see the same draws, each micro-batch (so each rank)
-        # other ones. (seed, step, m) -> one integer: 1_000_003 is a prime above any step count, 4096 above any m
-        micro_seed = (seed * 1_000_003 + step) * 4096 + m
-        gen = torch.Generator(device).manual_seed(micro_seed)
+        # every random draw of the step (t, noise, caption dropout, TREAD's route) comes from this
+        # micro-batch's own generator: 1 process with accumulation and N processes see the same draws
+        gen = torch.Generator(device).manual_seed(micro_seed(step, m))
         x = to_model_images(u8.to(device, non_blocking=True))
-        # captions are strings, so their dropout is drawn on the host: from a CPU generator of the same seed on a GPU
-        # (reading a GPU draw back would be a host sync)
-        cap_gen = gen if device_type == 'cpu' else torch.Generator().manual_seed(micro_seed)
-        text, text_mask = encode(drop_captions(captions, caption_dropout, cap_gen))
+        if host_text is not None:   # the loader worker looked the states up (cached_text): only a copy here
+            text, text_mask = (a.to(device, non_blocking=True) for a in host_text)
+        else:   # on a CPU the dropout draw is gen's first
+            cap_gen = gen if device_type == 'cpu' else torch.Generator().manual_seed(micro_seed(step, m))
+            text, text_mask = encode(drop_captions(captions, caption_dropout, cap_gen))
         if ddp:
-            ddp_model.require_backward_grad_sync = k == accum - 1   # DDP all-reduces only on the last micro-batch
+            # DDP all-reduces only on the last micro-batch
+            ddp_model.require_backward_grad_sync = k == accum - 1
         with autocast:
-            loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, patch_size, tread=route_ratio > 0,
-                                         lpips_net=lpips_net, dino_net=dino_net, repa_teacher=teacher)
+            loss, parts = diffusion_loss(model, x, text, text_mask, gen, loss_cfg, patch_size,
+                                         tread=route_ratio > 0, lpips_net=lpips_net, dino_net=dino_net,
+                                         repa_teacher=teacher)
         if step + 1 == fault_nan_step:
             loss = loss * float('nan')
         (loss / accum).backward()
@@ -341,38 +414,32 @@ while step < max_iters and not (stopped_by := stop_now()):
     if step % log_interval == 0 or step == max_iters:   # every rank: they stop together
         count_skipped(skipped)
         bad_total = bad_samples.to(device, copy=True)   # a copy: all_reduce works in place
-        if ddp:
-            dist.all_reduce(bad_total)   # every rank logs on the same steps; tiny, and only every log_interval
+        if ddp:   # every rank logs on the same steps: the losses of the whole batch, all skipped samples
+            dist.all_reduce(bad_total)
+            means = torch.stack(list(parts_sum.values()))
+            dist.all_reduce(means)
+            parts_sum = dict(zip(parts_sum, means / world))
     if master and (step % log_interval == 0 or step == max_iters):
         dt = time.time() - t_log
         row = {'step': step, **{k: round(v.item(), 5) for k, v in parts_sum.items()},
                'lr': opts[0].param_groups[0]['lr'], 'ms_per_step': round(1000 * dt / steps_since_log, 1),
                'images_per_s': round(batch_size * steps_since_log / dt, 1)}
-        if bad_total.any():   # samples skipped since this process started, all ranks: {source: {reason: count}}
+        # samples skipped since this process started, all ranks: {source: {reason: count}}
+        if bad_total.any():
             row['bad_samples'] = {src: {r: n for r, n in zip(BAD_REASONS, counts.tolist()) if n}
                                   for src, counts in zip(data, bad_total.cpu()) if counts.any()}
-        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()), flush=True)
+        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()),
+              flush=True)
         log.write(json.dumps(row) + '\n')
         log.flush()
         t_log, steps_since_log = time.time(), 0
-    if master and eval_interval and (step % eval_interval == 0 or step == max_iters):
-        from eval import learning_curve
-        with autocast:
-            row, line = learning_curve(ema, encode, eval_n, image_size, eval_steps, cfg_scale, t_shift, noise_scale, seed)
-        print(f'eval step {step}: {line}', flush=True)
-        log.write(json.dumps({'step': step, **row}) + '\n')
-        log.flush()
-        t_log = time.time()  # keep ms_per_step a training number
-    if master and sample_interval and step % sample_interval == 0:
-        from sample import write_grid
-        from shapes import eval_prompts
-        with autocast:
-            write_grid(ema, encode, [c for c, _ in eval_prompts(16)], os.path.join(out_dir, f'samples_{step:06d}.png'),
-                       image_size, sample_steps, cfg_scale, t_shift, noise_scale, seed)
-        t_log = time.time()
     if master and ckpt_interval and step % ckpt_interval == 0:
         checkpoint()
         t_log = time.time()
+    if master and curve and (step % eval_interval == 0 or step == max_iters):
+        after_checkpoint('learning curve', curve_point)
+    if master and sample_interval and step % sample_interval == 0:
+        after_checkpoint('sample grid', sample_grid)
 
 # ---- the end ----
 summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
@@ -386,7 +453,8 @@ if ddp:  # a cheap desync check: every rank must hold rank 0's weights
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     summary['rank_weight_diff'] = diff.item()
 if master:
-    checkpoint()
+    if saved_step != step:   # the loop's last step may have written it already
+        checkpoint()
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)

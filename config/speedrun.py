@@ -74,5 +74,7 @@ ema_interval = 10
 ema_warmup = False
 sample_steps = 50
 eval_interval = 0         # the shapes-set learning curve means nothing on real data
-cfg_scale = 4.0
+# guidance (grids, and sample.py's and eval.py's default for this run): self-guidance in place of CFG, as PRX
+cfg_scale = 1.0
+sg_scale = 3.5
 compile = True

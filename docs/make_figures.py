@@ -49,12 +49,15 @@ def curve_figure(log_path, path, w=640, h=300, pad=40):
     last = max(s for s, _ in evals)
     fig = Image.new('RGB', (w, h), 'white')
     draw = ImageDraw.Draw(fig)
-    px = lambda s: pad + (w - 2 * pad) * s / last
-    py = lambda v: h - pad - (h - 2 * pad) * v
+    px = lambda s: pad + (w - 2 * pad) * s / last   # noqa: E731
+    py = lambda v: h - pad - (h - 2 * pad) * v       # noqa: E731
     draw.line([(pad, pad), (pad, h - pad), (w - pad, h - pad)], fill='black')
     for v in (0, 0.25, 0.5, 0.75, 1.0):
         draw.text((4, py(v) - 5), f'{v:.0%}', fill='black')
     draw.text((w - pad - 60, h - pad + 8), f'step {last}', fill='black')
+    draw.text((pad, h - pad + 8), 'step 0', fill='black')
+    draw.text((pad + 10, 24), f'correct images, eval.py on {evals[-1][1]["all"]["n"]} prompts (EMA, CFG 4)',
+              fill='black')
     colors = {'all': (0, 0, 0), 'one': (0, 90, 220), 'two': (220, 120, 0), 'held_out': (200, 0, 0)}
     for k, (group, color) in enumerate(colors.items()):
         pts = [(px(s), py(e[group]['correct'])) for s, e in evals]

@@ -9,7 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import vgg_flops, vit_flops
+from bench import flops_per_image, vgg_flops, vit_flops
+from test_model import inputs, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +66,24 @@ def test_vit_teachers_compile_as_one_graph():
         x = torch.randn(2, 3, 32, 32, requires_grad=True)
         _patch_tokens(net, x, (size, size)).sum().backward()   # the DINOv2 loss backpropagates into its input
         assert x.grad is not None
+
+
+def test_flops_per_image_matches_the_flop_counter():
+    # the math SDPA backend: the counter knows no CPU flash-attention kernel, so it would miss the attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    for kw, states in ((dict(), None),
+                       (dict(route_ratio=0.5, repa_dim=24, repa_block=3, text_pool=True, text_window=5), None),
+                       (dict(text_encoder='t5', text_dim=48, route_ratio=0.25), torch.randn(2, 20, 48))):
+        m = tiny(n_layer=5, **kw).train()
+        z, t, ids, mask = inputs(size=64)
+        if states is not None:   # a frozen encoder's states come in
+            ids, mask = states, torch.ones(2, 20, dtype=torch.bool)
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            out, repa = m(z, t, ids, mask)
+        counted = fc.get_total_flops() / 2
+        assert flops_per_image(m, 64, ids.shape[1]) == pytest.approx(counted, rel=0.05), kw
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            out, repa = m(z, t, ids, mask)
+            (out.sum() + (repa[0].sum() if repa else 0)).backward()
+        assert fc.get_total_flops() / 2 == pytest.approx(3 * counted, rel=0.05)   # training: 3x the forward

@@ -46,6 +46,7 @@ def test_speedrun_says_the_recipe():
     assert c['v_clip'] == 0.05   # JiT's; the shapes default clips at 0.2
     assert c['edge_weight'] == 0.0 and c['text_window'] == 0   # the shapes default weighs outlines up, words in context
     assert c['time_budget'] == 0   # the shapes default stops on the clock; the speedrun runs its steps
+    assert (c['cfg_scale'], c['sg_scale']) == (1.0, 3.5)   # PRX: self-guidance replaces CFG (docs/recipe.md)
     s2 = {**c, **load('speedrun_1024.py')}
     assert (s2['image_size'], s2['batch_size'], s2['max_iters'] - c['max_iters'], s2['repa_weight']) == (1024, 512, 20_000, 0.0)
     assert s2['init_from'] == 'out-speedrun/ckpt.pt' and s2['out_dir'] != c['out_dir']

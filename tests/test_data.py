@@ -221,6 +221,31 @@ def test_hf_encoder_offline_frozen_with_padding_mask():
     assert states.grad_fn is None
 
 
+def tiny_bert(folder):
+    """A tiny random BERT and its WordPiece tokenizer (a vocabulary written to folder): an encoder-only model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    words = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', 'small', 'large', 'red', 'blue', 'circle', 'square']
+    folder.mkdir(exist_ok=True)
+    (folder / 'vocab.txt').write_text('\n'.join(words) + '\n')
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32)
+    return BertModel(cfg).eval(), BertTokenizer(str(folder / 'vocab.txt'))
+
+
+def test_hf_encoder_takes_an_encoder_only_model_whole(tmp_path):
+    # BERT's get_encoder() is its bare layer stack, without the embeddings: the whole model encodes
+    model, tok = tiny_bert(tmp_path / 'vocab')
+    enc = HFTextEncoder('tiny-bert', 16, model=model, tokenizer=tok)
+    caps = ['a small red circle', 'a large blue square']
+    states, mask = enc(caps)
+    ref = model(**tok(caps, padding='max_length', max_length=16, return_tensors='pt')).last_hidden_state
+    assert enc.dim == 32 and states.shape == (2, 16, 32) and torch.allclose(states, ref, atol=1e-6)
+    model.save_pretrained(tmp_path / 'bert')      # by local folder, as a user's own copy is given
+    tok.save_pretrained(tmp_path / 'bert')
+    assert torch.allclose(HFTextEncoder(str(tmp_path / 'bert'), 16)(caps)[0], states, atol=1e-5)
+
+
 def test_load_text_encoder_bytes_returns_ids():
     ids, mask = load_text_encoder('bytes', 96)(['a red circle'])
     assert ids.dtype == torch.long and ids.shape == (1, 96) and mask.sum() == 13 and ids[0, 0] == BOS
@@ -240,10 +265,21 @@ def test_step_batches_split_over_processes_equals_accumulation():
     src = Mixture({'shapes': 1.0}, 64, 0)
     one = next(iter(StepBatches(src, 8, 4, rank=0, world=1, start_step=3)))          # 2 micro-batches
     ranks = [next(iter(StepBatches(src, 8, 4, rank=r, world=2, start_step=3)))[0] for r in range(2)]
-    assert len(one) == 2 and [m for _, _, m, _ in one] == [0, 1] and [m for _, _, m, _ in ranks] == [0, 1]
-    for (u_a, c_a, _, _), (u_b, c_b, _, _) in zip(one, ranks):
+    assert len(one) == 2 and [mb[2] for mb in one] == [0, 1] and [mb[2] for mb in ranks] == [0, 1]
+    for (u_a, c_a, *_), (u_b, c_b, *_) in zip(one, ranks):
         assert torch.equal(u_a, u_b) and c_a == c_b
     assert one[0][1][0] == shapes_example(0, 3 * 8, 64)[1]          # step 3 starts at global sample 24
+
+
+def test_step_batches_go_on_from_the_samples_seen_and_carry_the_workers_text():
+    # a new stage at batch 4 from step 3 of a run at batch 8 (24 samples seen) reads samples 24.., not 12..
+    src = Mixture({'shapes': 1.0}, 16, 0)
+    steps = iter(StepBatches(src, 4, 4, 0, 1, start_step=3, start_sample=24,
+                             text=lambda caps, step, m: (len(caps), step, m)))
+    for s in (3, 4):
+        (u8, caps, m, bad, text), = next(steps)
+        assert caps == [shapes_example(0, i, 16)[1] for i in range(24 + (s - 3) * 4, 28 + (s - 3) * 4)]
+        assert text == (4, s, 0)   # text(captions, step, m) ran where the batch was made
 
 
 def test_dataloader_workers_keep_the_order():
@@ -341,7 +377,7 @@ def test_one_process_with_accumulation_reads_what_two_ranks_read_and_resume_is_e
     mix = Mixture({folder: 1.0, shards: 2.0}, 16, 0, random_crop=True, hflip=True)
     one = next(iter(StepBatches(mix, 8, 4, 0, 1, start_step=5)))
     ranks = [next(iter(StepBatches(mix, 8, 4, r, 2, start_step=5)))[0] for r in range(2)]
-    for (u_a, c_a, m_a, _), (u_b, c_b, m_b, _) in zip(one, ranks):
+    for (u_a, c_a, m_a, *_), (u_b, c_b, m_b, *_) in zip(one, ranks):
         assert torch.equal(u_a, u_b) and c_a == c_b and m_a == m_b
     # an uninterrupted loader (2 workers) and one resumed at step 3 read the same steps
     loader = lambda start: torch.utils.data.DataLoader(StepBatches(mix, 8, 4, 0, 1, start_step=start),
@@ -435,7 +471,7 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tmp_path, monkeypatch):
     steps = iter(StepBatches(mix, n, n, 0, 1))
     counts = torch.zeros(1, len(BAD_REASONS), dtype=torch.long)
     for _ in range(2):   # two epochs, no exception
-        for u8, caps, m, bad in next(steps):
+        for u8, caps, m, bad, _ in next(steps):
             assert all(c.startswith('good ') for c in caps) and u8.shape == (n, 16, 16, 3)
             counts += bad
     assert {r for r, c in zip(BAD_REASONS, counts[0]) if c} == reasons

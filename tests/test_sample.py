@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from sample import guide
+from sample import generate, guide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,3 +88,38 @@ def test_safetensors_export_samples_the_same_images(tmp_path):
     import numpy as np
     a, b = (np.asarray(Image.open(tmp_path / n / '00000.png')) for n in ('ckpt', 'st'))
     assert np.array_equal(a, b)
+
+
+def test_self_guidance_keeps_one_route_per_image_over_every_step():
+    # PRX draws the routed pass's tokens once per image and keeps them for all steps (docs/recipe.md)
+    from types import SimpleNamespace
+    seen = []
+
+    class Stub(torch.nn.Module):
+        cfg = SimpleNamespace(patch_size=8)
+
+        def forward(self, z, t, text, mask, route=None):
+            seen.append(route)
+            return z * 0, None
+
+    encode = lambda caps: (torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool))  # noqa: E731
+    generate(Stub(), encode, ['a', 'b'], 16, 3, 1.0, 2.0, 1.0, 1.0, torch.Generator().manual_seed(0))
+    routes = [r for r in seen if isinstance(r, torch.Tensor)]
+    assert len(routes) == 3 and routes[0].shape == (2, 4) and all(torch.equal(r, routes[0]) for r in routes)
+    assert [r for r in seen if not isinstance(r, torch.Tensor)] == [False] * 3   # the dense passes
+
+
+def test_sample_and_eval_take_the_runs_own_guidance(tmp_path):
+    import json
+    out = tmp_path / 'out'
+    r = run('train.py', *tiny_args(out), '--max_iters=2', '--n_layer=3', '--route_ratio=0.5', '--route_start=1',
+            '--cfg_scale=1.0', '--sg_scale=2.0')
+    assert r.returncode == 0, r.stderr
+    assert run('export.py', f'--out_dir={out}').returncode == 0
+    for source in (out, out / 'model.safetensors'):
+        r = run('eval.py', f'--out_dir={source}', '--n=5', '--num_steps=2')
+        assert r.returncode == 0, r.stderr
+        settings = json.load(open(out / 'eval.json'))['settings']
+        assert (settings['cfg_scale'], settings['sg_scale']) == (1.0, 2.0)
+    r = run('eval.py', f'--out_dir={out}', '--n=5', '--num_steps=2', '--sg_scale=1.0', '--cfg_scale=3.0')
+    assert json.load(open(out / 'eval.json'))['settings']['cfg_scale'] == 3.0   # a flag still wins

@@ -96,7 +96,10 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
             '--n_layer=3', '--route_ratio=0.5', '--route_start=1']
     log = train(tmp_path / 'ddp', *args, torchrun=2)
     assert log[-1]['rank_weight_diff'] == 0.0   # both ranks hold identical weights
-    train(tmp_path / 'one', *args, '--micro_batch=4')  # one process, two accumulation steps: the same micro-batches
+    # one process, two accumulation steps: the same micro-batches
+    one = train(tmp_path / 'one', *args, '--micro_batch=4')
+    losses = lambda log: [r['loss'] for r in log if 'loss' in r]
+    assert losses(log) == pytest.approx(losses(one), rel=1e-4)   # the logged loss is the whole batch's
     a, b = ckpt(tmp_path / 'ddp'), ckpt(tmp_path / 'one')
     for k in a['model']:
         assert torch.allclose(a['model'][k], b['model'][k], atol=2e-6, rtol=1e-5), k
@@ -152,7 +155,7 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
 
 
-@pytest.mark.parametrize('args, message', [
+CONFIG_MISTAKES = [
     (['--image_size=60'], 'image_size=60 is not a multiple of patch_size=8'),
     (['--n_head=3'], 'n_embd=32 / n_head=3: the head dimension must be a whole multiple of 4'),
     (['--n_embd=36', '--n_head=2'], 'n_embd=36 / n_head=2'),
@@ -170,12 +173,36 @@ def test_learning_curve_rows_do_not_change_training(tmp_path):
     (['--text_window=4'], 'text_window=4, want 0 (off) or an odd number of words'),
     (['--v_clip=0'], 'v_clip=0, want 0 < v_clip <= 1'),
     (['--edge_weight=-1.0'], 'edge_weight=-1.0, want >= 0'),
+    (['--text_encoder=google/t5gemma-2b-2b-ul2', '--text_cache=/no/such/cache'],
+     "text_cache='/no/such/cache' holds no cache (no meta.json)"),
     (['--muon_ns_dtype=fp16'], "muon_ns_dtype='fp16', want one of ('default', 'auto', 'float32', 'bfloat16')"),
-])
-def test_config_mistakes_fail_before_any_work(tmp_path, args, message):
-    err = refused(tmp_path / 'run', *args)
-    assert message in err, err[-2000:]
-    assert 'Traceback' not in err and not (tmp_path / 'run').exists()   # nothing was started or written
+]
+
+
+def test_config_mistakes_fail_before_any_work(tmp_path):
+    # every case in one Python process (one torch import, not one each): train.py runs as a script per case and
+    # must stop with its message before it writes anything
+    code = """
+import json, runpy, sys, traceback
+out = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ['train.py', *args]
+    try:
+        runpy.run_path('train.py', run_name='__main__')
+        out.append('ran')
+    except SystemExit as e:
+        out.append(str(e.code))
+    except Exception:
+        out.append('Traceback: ' + traceback.format_exc())
+print(json.dumps(out))
+"""
+    runs = [[f'--out_dir={tmp_path / f"run{i}"}', *TINY, *args] for i, (args, _) in enumerate(CONFIG_MISTAKES)]
+    r = subprocess.run([sys.executable, '-c', code, json.dumps(runs)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for i, ((args, message), err) in enumerate(zip(CONFIG_MISTAKES, json.loads(r.stdout.splitlines()[-1]))):
+        assert message in err and 'Traceback' not in err, (args, err[-2000:])
+        assert not (tmp_path / f'run{i}').exists(), args   # nothing was started or written
 
 
 def _wait_for(proc, pattern, timeout=120):
@@ -253,6 +280,8 @@ def test_keep_the_last_k_checkpoints(tmp_path):
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith('ckpt')) == ['ckpt.pt', 'ckpt_0000006.pt',
                                                                               'ckpt_0000008.pt']
     assert ckpt(tmp_path)['step'] == 8
+    # the last step's checkpoint is written once: ckpt.pt is still the file that ckpt_0000008.pt links to
+    assert os.path.samefile(tmp_path / 'ckpt.pt', tmp_path / 'ckpt_0000008.pt')
 
 
 TORCHRUN_TREAD = ['--batch_size=8', '--warmup_iters=1', '--device=cpu', '--dtype=float32', '--n_layer=3',
@@ -329,3 +358,81 @@ def test_torchrun_reads_files_like_one_process(tmp_path):
     a, b = ckpt(tmp_path / 'ddp'), ckpt(tmp_path / 'one')
     for k in a['model']:
         assert torch.allclose(a['model'][k], b['model'][k], atol=2e-6, rtol=1e-5), k
+
+
+def _descendants(pid):
+    kids = _children(pid)
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+@pytest.mark.parametrize('to', ['torchrun', 'every process'])
+def test_torchrun_sigterm_with_loader_workers_checkpoints_and_stops(tmp_path, to):
+    """torchrun stops its ranks with os.killpg and SLURM signals every process of the step: the loader workers get
+    SIGTERM too, and must ignore it so that their rank finishes its step and writes its checkpoint."""
+    import signal
+    import time
+    proc = start(tmp_path, '--max_iters=100000', '--num_workers=2', *TORCHRUN_TREAD, torchrun=2)
+    deadline = time.time() + 120
+    while not (tmp_path / 'log.jsonl').exists() or '"step": 2' not in (tmp_path / 'log.jsonl').read_text():
+        assert time.time() < deadline and proc.poll() is None, 'no second step in time'
+        time.sleep(0.2)
+    workers = _descendants(proc.pid)
+    assert len(workers) >= 2 + 2 * 2   # torchrun's agent, 2 ranks, 2 loader workers each
+    for pid in [proc.pid] + (workers if to == 'every process' else []):
+        os.kill(pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert 'killed by signal' not in out, out[-3000:]
+    done = [json.loads(line) for line in open(tmp_path / 'log.jsonl')][-1]
+    assert done.get('stopped_by') == 'signal', out[-3000:]
+    assert done['rank_weight_diff'] == 0.0 and ckpt(tmp_path)['step'] == done['step'] >= 2
+
+
+def test_torchrun_resume_and_new_stage_take_this_runs_settings_and_unseen_data(tmp_path):
+    s1 = tmp_path / 's1'
+    train(s1, '--max_iters=2', *TORCHRUN_TREAD, torchrun=2)                  # batch 8: samples 0..15
+    r = subprocess.run(command(s1, '--max_iters=3', '--init_from=resume', '--learning_rate=0.005', '--muon_momentum=0.9',
+                               *TORCHRUN_TREAD, torchrun=2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = r.stdout.splitlines()[0]   # the run's first line names what changed from the checkpoint
+    assert "this run's optimizer settings replace the checkpoint's" in first
+    assert 'AdamW lr: 0.001 -> 0.005' in first and 'Muon momentum: 0.95 -> 0.9' in first
+    log = [json.loads(line) for line in open(s1 / 'log.jsonl')]
+    assert [r['lr'] for r in log if 'loss' in r] == [0.001, 0.001, 0.005]
+    c = ckpt(s1)
+    assert c['optimizers'][1]['param_groups'][0]['momentum'] == 0.9 and c['samples'] == 24
+    # a new stage at batch 4 goes on from sample 24: none of the samples that stage 1 read (0..23)
+    train(tmp_path / 's2', '--max_iters=5', f'--init_from={s1 / "ckpt.pt"}', *TORCHRUN_TREAD, '--batch_size=4',
+          torchrun=2)
+    assert ckpt(tmp_path / 's2')['samples'] == 24 + 2 * 4
+
+
+def test_torchrun_from_a_complete_text_cache_never_loads_the_encoder(tmp_path):
+    """With every caption cached (the data's, the grids' prompts file, the empty one), training, its grids and its
+    checkpoints run with the encoder's files gone; the shapes learning curve does not run on other data."""
+    import shutil
+    from make_shapes_data import write_shapes_data
+    from test_data import tiny_t5
+    model, tok = tiny_t5()
+    model.save_pretrained(tmp_path / 'enc')
+    tok.save_pretrained(tmp_path / 'enc')
+    write_shapes_data(str(tmp_path / 'd'), 16, 32, 8)
+    data = f"--data={{'{tmp_path / 'd' / 'folder'}': 1.0}}"
+    (tmp_path / 'grid.txt').write_text('a red circle\na blue square\n')
+    common = [data, f'--text_encoder={tmp_path / "enc"}', '--text_len=48', f'--text_cache={tmp_path / "cache"}',
+              f'--grid_prompts={tmp_path / "grid.txt"}']
+    r = subprocess.run([sys.executable, 'cache_text.py', *common, '--device=cpu', '--dtype=float32'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(tmp_path / 'enc')
+    log = train(tmp_path / 'run', *common, '--image_size=32', '--min_image_size=0', '--max_iters=4', '--batch_size=4',
+                '--sample_interval=2', '--ckpt_interval=2', '--eval_interval=2', '--num_workers=1', '--device=cpu',
+                torchrun=2)
+    assert (tmp_path / 'run' / 'samples_000002.png').exists() and (tmp_path / 'run' / 'samples_000004.png').exists()
+    assert not [r for r in log if 'eval' in r] and ckpt(tmp_path / 'run')['step'] == 4
+    # a grid that fails (a prompt the cache lacks, and no encoder to fall back on) is reported and skipped
+    (tmp_path / 'new.txt').write_text('a prompt the cache never saw\n')
+    r = subprocess.run(command(tmp_path / 'again', *common, f'--grid_prompts={tmp_path / "new.txt"}', '--image_size=32',
+                               '--min_image_size=0', '--max_iters=2', '--batch_size=4', '--sample_interval=1'),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'step 1: the sample grid failed and is skipped' in r.stdout, r.stderr[-3000:]
+    assert ckpt(tmp_path / 'again')['step'] == 2
