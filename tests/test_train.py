@@ -51,37 +51,20 @@ def test_loss_falls_and_logs(tmp_path):
     assert log[-1]['done'] and log[-1]['step'] == 40 and log[-1]['peak_mem_gib'] > 0
 
 
-def test_checkpoint_contents_and_exact_resume(tmp_path):
-    common = ['--batch_size=8', '--warmup_iters=2', '--ema_decay=0.9', '--n_layer=3', '--route_ratio=0.5', '--route_start=1']
-    train(tmp_path / 'a', '--max_iters=4', *common)
-    train(tmp_path / 'b', '--max_iters=2', *common)
-    c = ckpt(tmp_path / 'b')
-    assert {'model', 'ema', 'optimizers', 'step', 'config', 'model_args'} <= c.keys() and c['step'] == 2
-    train(tmp_path / 'b', '--max_iters=4', '--init_from=resume', *common)
-    a, b = ckpt(tmp_path / 'a'), ckpt(tmp_path / 'b')
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-        assert torch.equal(a['ema'][k], b['ema'][k]), k
-    log_b = [json.loads(line) for line in open(tmp_path / 'b' / 'log.jsonl')]
-    assert [r['step'] for r in log_b if 'done' in r] == [2, 4]   # the resumed run goes on with its log
-    log_a = train(tmp_path / 'a', '--max_iters=1', *common)       # a new run in a used folder starts a fresh one
-    assert [r['step'] for r in log_a if 'done' in r] == [1]
-
-
-@pytest.mark.parametrize('warmup', [False, True])
-def test_ema_matches_its_formula(tmp_path, warmup):
-    args = ['--batch_size=8', '--ema_decay=0.9', f'--ema_warmup={warmup}']
-    for n in range(3):
-        train(tmp_path / f'w{n}', f'--max_iters={n}', *args)
-    c = [ckpt(tmp_path / f'w{n}') for n in range(3)]
-    assert all(torch.equal(c[0]['ema'][k], v) for k, v in c[0]['model'].items())   # starts as the model
-    changed = 0
-    for n in (1, 2):   # after the update number n - 1 the decay is min(0.9, n / (9 + n)) with warm-up
-        decay = min(0.9, n / (9 + n)) if warmup else 0.9
-        for k, w in c[n]['model'].items():
-            assert torch.allclose(c[n]['ema'][k], decay * c[n - 1]['ema'][k] + (1 - decay) * w, atol=1e-7), k
-            changed += n == 2 and not torch.equal(w, c[1]['model'][k])
-    assert changed > 10   # the weights moved (adaLN-zero: only the head does in the first step), so the check has teeth
+def test_ema_matches_its_formula(tmp_path):
+    for warmup in (False, True):   # the step-0 checkpoint is the same for both: one run
+        args = ['--batch_size=8', '--ema_decay=0.9', f'--ema_warmup={warmup}']
+        for n in range(0 if warmup is False else 1, 3):
+            train(tmp_path / f'{warmup}{n}', f'--max_iters={n}', *args)
+        c = [ckpt(tmp_path / f'{warmup if n else False}{n}') for n in range(3)]
+        assert all(torch.equal(c[0]['ema'][k], v) for k, v in c[0]['model'].items())   # starts as the model
+        changed = 0
+        for n in (1, 2):   # after the update number n - 1 the decay is min(0.9, n / (9 + n)) with warm-up
+            decay = min(0.9, n / (9 + n)) if warmup else 0.9
+            for k, w in c[n]['model'].items():
+                assert torch.allclose(c[n]['ema'][k], decay * c[n - 1]['ema'][k] + (1 - decay) * w, atol=1e-7), k
+                changed += n == 2 and not torch.equal(w, c[1]['model'][k])
+        assert changed > 10   # the weights moved (adaLN-zero: only the head does in the first step): the check has teeth
 
 
 def test_trains_and_resumes_at_another_resolution(tmp_path):
@@ -260,17 +243,16 @@ def test_new_stage_from_a_checkpoint_keeps_it_and_drops_repa(tmp_path):
 
 def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path):
     args = ['--max_iters=6', '--batch_size=8', '--warmup_iters=2']
-    log = train(tmp_path / 'nan', *args, '--fault_nan_step=3')
+    log = train(tmp_path / 'nan', *args, '--fault_nan_step=3', '--ckpt_interval=1', '--keep_ckpts=10')
     skipped = [r for r in log if 'skipped' in r]
     assert skipped == [{'step': 3, 'skipped': 'non-finite', 'bad_steps': 1}]
     assert log[-1]['done'] and log[-1]['step'] == 6
     c = ckpt(tmp_path / 'nan')
     assert all(torch.isfinite(v).all() for v in c['model'].values()) and all(torch.isfinite(v).all() for v in c['ema'].values())
-    # the skipped step changed nothing: the weights after it are those after step 2
-    train(tmp_path / 'two', *args[1:], '--max_iters=2')
-    train(tmp_path / 'three', *args[1:], '--max_iters=3', '--fault_nan_step=3')
-    a, b = ckpt(tmp_path / 'two'), ckpt(tmp_path / 'three')
-    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    # the skipped step changed nothing: the weights and the EMA after it are those after step 2
+    a, b, d = (torch.load(tmp_path / 'nan' / f'ckpt_{s:07d}.pt', weights_only=True) for s in (2, 3, 4))
+    assert all(torch.equal(a['model'][k], b['model'][k]) and torch.equal(a['ema'][k], b['ema'][k]) for k in a['model'])
+    assert not all(torch.equal(b['model'][k], d['model'][k]) for k in b['model'])   # and the next step did
     err = refused(tmp_path / 'stop', *args, '--fault_nan_step=2', '--max_bad_steps=1')
     assert '1 steps in a row had a non-finite loss or gradients (max_bad_steps=1)' in err
 
@@ -291,10 +273,32 @@ TORCHRUN_TREAD = ['--batch_size=8', '--warmup_iters=1', '--device=cpu', '--dtype
 def test_torchrun_resume_is_exact_with_tread(tmp_path):
     train(tmp_path / 'ref', '--max_iters=4', *TORCHRUN_TREAD, torchrun=2)
     train(tmp_path / 'run', '--max_iters=2', *TORCHRUN_TREAD, torchrun=2)
+    c = ckpt(tmp_path / 'run')
+    assert {'model', 'ema', 'optimizers', 'step', 'samples', 'config', 'model_args'} <= c.keys() and c['step'] == 2
     train(tmp_path / 'run', '--max_iters=4', '--init_from=resume', *TORCHRUN_TREAD, torchrun=2)
     a, b = ckpt(tmp_path / 'ref'), ckpt(tmp_path / 'run')
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]) and torch.equal(a['ema'][k], b['ema'][k]), k
+    log = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert [r['step'] for r in log if 'done' in r] == [2, 4]   # the resumed run goes on with its log
+    log = train(tmp_path / 'ref', '--max_iters=1', *TORCHRUN_TREAD)   # a new run in a used folder starts a fresh one
+    assert [r['step'] for r in log if 'done' in r] == [1]
+    # a resume with other optimizer settings takes them, and its first line names them
+    run = tmp_path / 'run'
+    r = subprocess.run(command(run, '--max_iters=5', '--init_from=resume', '--learning_rate=0.005', '--muon_momentum=0.9',
+                               *TORCHRUN_TREAD, torchrun=2), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = r.stdout.splitlines()[0]
+    assert "this run's optimizer settings replace the checkpoint's" in first
+    assert 'AdamW lr: 0.001 -> 0.005' in first and 'Muon momentum: 0.95 -> 0.9' in first
+    log = [json.loads(line) for line in open(run / 'log.jsonl')]
+    assert [r['lr'] for r in log if 'loss' in r] == [0.001] * 4 + [0.005]
+    c = ckpt(run)
+    assert c['optimizers'][1]['param_groups'][0]['momentum'] == 0.9 and c['samples'] == 5 * 8
+    # a new stage at batch 4 goes on from sample 40: none of the samples the first stage read (0..39)
+    train(tmp_path / 's2', '--max_iters=7', f'--init_from={run / "ckpt.pt"}', *TORCHRUN_TREAD, '--batch_size=4',
+          torchrun=2)
+    assert ckpt(tmp_path / 's2')['samples'] == 40 + 2 * 4
 
 
 def _children(pid):
@@ -385,25 +389,6 @@ def test_torchrun_sigterm_with_loader_workers_checkpoints_and_stops(tmp_path, to
     done = [json.loads(line) for line in open(tmp_path / 'log.jsonl')][-1]
     assert done.get('stopped_by') == 'signal', out[-3000:]
     assert done['rank_weight_diff'] == 0.0 and ckpt(tmp_path)['step'] == done['step'] >= 2
-
-
-def test_torchrun_resume_and_new_stage_take_this_runs_settings_and_unseen_data(tmp_path):
-    s1 = tmp_path / 's1'
-    train(s1, '--max_iters=2', *TORCHRUN_TREAD, torchrun=2)                  # batch 8: samples 0..15
-    r = subprocess.run(command(s1, '--max_iters=3', '--init_from=resume', '--learning_rate=0.005', '--muon_momentum=0.9',
-                               *TORCHRUN_TREAD, torchrun=2), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    first = r.stdout.splitlines()[0]   # the run's first line names what changed from the checkpoint
-    assert "this run's optimizer settings replace the checkpoint's" in first
-    assert 'AdamW lr: 0.001 -> 0.005' in first and 'Muon momentum: 0.95 -> 0.9' in first
-    log = [json.loads(line) for line in open(s1 / 'log.jsonl')]
-    assert [r['lr'] for r in log if 'loss' in r] == [0.001, 0.001, 0.005]
-    c = ckpt(s1)
-    assert c['optimizers'][1]['param_groups'][0]['momentum'] == 0.9 and c['samples'] == 24
-    # a new stage at batch 4 goes on from sample 24: none of the samples that stage 1 read (0..23)
-    train(tmp_path / 's2', '--max_iters=5', f'--init_from={s1 / "ckpt.pt"}', *TORCHRUN_TREAD, '--batch_size=4',
-          torchrun=2)
-    assert ckpt(tmp_path / 's2')['samples'] == 24 + 2 * 4
 
 
 def test_torchrun_from_a_complete_text_cache_never_loads_the_encoder(tmp_path):
