@@ -71,11 +71,15 @@ def save_checkpoint(out_dir, ckpt, keep=1):
             os.remove(os.path.join(out_dir, old))
 
 
-def optimizer_split(config):
-    """How a run shares the parameters between AdamW and Muon, in words (a checkpoint from before these keys:
-    AdamW only, or Muon with the adaLN matrices)."""
-    o = config.get('optimizer', 'adamw')
-    return f'optimizer={o!r}' + (f", muon_adaln={config.get('muon_adaln', True)}" if o == 'muon' else '')
+def split_of(config):
+    """(optimizer, muon_adaln) of a run's config: how it shares the parameters between AdamW and Muon (a
+    checkpoint from before these keys: AdamW only, or Muon with the adaLN matrices)."""
+    return config.get('optimizer', 'adamw'), config.get('muon_adaln', True)
+
+
+def split_words(config):
+    optimizer, muon_adaln = split_of(config)
+    return f'optimizer={optimizer!r}' + (f', muon_adaln={muon_adaln}' if optimizer == 'muon' else '')
 
 
 def stage_errors(ckpt, model_args, config, init_from):
@@ -85,20 +89,20 @@ def stage_errors(ckpt, model_args, config, init_from):
               if k not in PER_STAGE and model_args.get(k) != v]
     errors = ([f"init_from={init_from}: the model differs from the checkpoint's: " + ', '.join(differ)]
               if differ else [])
-    if optimizer_split(ckpt['config']) != optimizer_split(config):
+    if split_words(ckpt['config']) != split_words(config):
         errors.append(f"init_from={init_from}: the checkpoint was trained with "
-                      f"{optimizer_split(ckpt['config'])}; pass the same (--optimizer=... --muon_adaln=...) "
+                      f"{split_words(ckpt['config'])}; pass the same (--optimizer=... --muon_adaln=...) "
                       'to go on from its optimizer state')
     return errors
 
 
 def drop_repa(ckpt):
     """Stage 2 turns REPA off: the projector's weights leave the model and EMA, and its Adam state leaves
-    AdamW's, found by name (the optimizer state dict numbers its parameters in optimizer_split's order)."""
-    old = ckpt['config']
+    AdamW's, found by name (the optimizer state dict numbers its parameters in DiT.optimizer_split's
+    order)."""
     with torch.device('meta'):   # the names only: no memory, no init work
         model = DiT(DiTConfig(**ckpt['model_args']))
-    adam_names, _ = model.optimizer_split(old.get('optimizer', 'adamw'), old.get('muon_adaln', True))
+    adam_names, _ = model.optimizer_split(*split_of(ckpt['config']))
     for sd in (ckpt['model'], ckpt['ema']):
         for k in [k for k in sd if k.startswith('repa_proj.')]:
             del sd[k]
@@ -110,10 +114,11 @@ def drop_repa(ckpt):
         adam['state'].pop(i, None)
 
 
-def restore(ckpt, raw, ema, opts, keep=('ns_dtype',)):
+def restore(ckpt, raw, ema, opts, keep=()):
     """Load ckpt into the model, its EMA and the optimizers. The optimizers' settings stay this run's (a state
     dict would bring back the checkpoint's lr, betas, momentum, ...), but for the names in keep, taken from
-    the checkpoint. Returns (step, samples seen, ['name: checkpoint's -> this run's' of each changed setting])."""
+    the checkpoint. Returns (step, samples seen, ['name: checkpoint's -> this run's' of each changed
+    setting])."""
     if raw.repa_proj is None and any(k.startswith('repa_proj.') for k in ckpt['model']):
         drop_repa(ckpt)
     raw.load_state_dict(ckpt['model'])

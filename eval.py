@@ -136,9 +136,8 @@ if __name__ == '__main__':
         from sample import load_model, run_dir, sample_to_dir
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
-        model, encode, cfg = load_model(out_dir, device, use_ema)
-        cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
-        cfg_scale, sg_scale = cfg_scale or cfg['cfg_scale'], sg_scale or cfg['sg_scale']   # 0: the run's own
+        model, encode, cfg = load_model(out_dir, device, use_ema, shift, cfg_scale, sg_scale)
+        cfg_scale, sg_scale = cfg['cfg_scale'], cfg['sg_scale']
         prompts = eval_prompts(n)
         eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
         starts = None

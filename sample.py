@@ -26,7 +26,7 @@ prompts = ''              # ... or a file of captions, one a line
 image_size = 0            # 0 = the training resolution
 num_steps = 50
 cfg_scale = 0.0           # classifier-free guidance: uncond + w * (cond - uncond); 1 = off; 0 = the run's
-sg_scale = 0.0            # self-guidance: routed + w * (dense - routed), both on the prompt; 1 = off; 0 = run's
+sg_scale = 0.0            # self-guidance: routed + w * (dense - routed), 1 = off; 0 = run's
 shift = 0.0               # the sampler's time shift toward noise; 0 = the training run's t_shift
 use_ema = True
 batch_size = 64
@@ -132,7 +132,7 @@ SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_sca
 GUIDANCE = {'cfg_scale': 4.0, 'sg_scale': 1.0}   # a run's from before these keys were kept: CFG 4 alone
 
 
-def load_model(source, device, use_ema=True):
+def load_model(source, device, use_ema=True, shift=0.0, cfg_scale=0.0, sg_scale=0.0):
     """The model (EMA weights by default), its text encoder's encode(), and the config sampling needs, from a
     run's folder (its ckpt.pt) or from a .safetensors file written by export.py."""
     from text import load_text_encoder
@@ -152,7 +152,10 @@ def load_model(source, device, use_ema=True):
     model.load_state_dict(state)
     dt = torch.bfloat16 if device.startswith('cuda') else torch.float32
     encode = load_text_encoder(cfg['text_encoder'], cfg['text_len'], device, dt)
-    return model.to(device).eval(), encode, {**GUIDANCE, **{k: v for k, v in cfg.items() if v is not None}}
+    cfg = {**GUIDANCE, **{k: v for k, v in cfg.items() if v is not None}}
+    # the sampler's shift and guidance: the run's own, where the caller's is 0
+    cfg.update({k: v for k, v in (('t_shift', shift), ('cfg_scale', cfg_scale), ('sg_scale', sg_scale)) if v})
+    return model.to(device).eval(), encode, cfg
 
 
 def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size,
@@ -187,9 +190,8 @@ if __name__ == '__main__':
     if bool(prompt) == bool(prompts):
         raise SystemExit('give exactly one of --prompt="a caption" or --prompts=FILE (one caption a line)')
     captions = read_prompts(prompts) if prompts else [prompt]
-    model, encode, cfg = load_model(out_dir, device, use_ema)
-    cfg = {**cfg, 't_shift': shift or cfg['t_shift']}
-    cfg_scale, sg_scale = cfg_scale or cfg['cfg_scale'], sg_scale or cfg['sg_scale']   # 0: the run's own
+    model, encode, cfg = load_model(out_dir, device, use_ema, shift, cfg_scale, sg_scale)
+    cfg_scale, sg_scale = cfg['cfg_scale'], cfg['sg_scale']
     samples_dir = samples_dir or os.path.join(run_dir(out_dir), 'samples')
     sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps,
                   cfg_scale, sg_scale, batch_size, seed, device, dtype)
