@@ -24,6 +24,7 @@ text_encoder = 'google/t5gemma-2b-2b-ul2'
 text_len = 256
 text_cache = ''
 grid_prompts = ''          # its captions are cached too: train.py's grids read them
+val_data = ''              # and the validation set's
 # this script's own
 encode_batch = 256         # captions per encoder forward
 shard_captions = 20_000   # captions per shard (T5Gemma-2b, 80 tokens: ~7 GB each)
@@ -95,5 +96,6 @@ if __name__ == '__main__':
         raise SystemExit("config error: want a Hugging Face text_encoder and a text_cache folder to write")
     enc = HFTextEncoder(text_encoder, text_len, device, getattr(torch, dtype))
     from sample import read_prompts
+    data = {**data, **({val_data: 1.0} if val_data else {})}
     print(json.dumps(build_cache(data, enc, text_encoder, text_len, text_cache, encode_batch, shard_captions,
                                  extra=read_prompts(grid_prompts) if grid_prompts else ())))

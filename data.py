@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tarfile
 
 import numpy as np
@@ -70,8 +71,8 @@ def index_folder(root):
     for d, dirs, fs in os.walk(root):
         dirs[:] = [x for x in dirs if not x.startswith('.')]
         files += [os.path.relpath(os.path.join(d, f), root) for f in fs]
-        print(f'\rindexing {root}: {len(files)} files', end='', flush=True)
-    print()
+        print(f'\rindexing {root}: {len(files)} files', end='', flush=True, file=sys.stderr)
+    print(file=sys.stderr)
     present = set(files)
     for rel in sorted(files):
         stem, ext = os.path.splitext(rel)
@@ -103,15 +104,16 @@ def index_shards(paths, root):
                         samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
         except tarfile.TarError as e:
             # a shard cut short (an interrupted copy): keep what came before the damage
-            print(f'\n{path} is damaged ({e}): {len(samples)} samples read before it')
+            print(f'\n{path} is damaged ({e}): {len(samples)} samples read before it', file=sys.stderr)
         for parts in samples.values():
             img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
             cap = parts.get('txt') or parts.get('json')
             if img:
                 rows.append((s, *img, s if cap else -1, *(cap or (0, -1)),
                              'txt' not in parts and cap is not None))
-        print(f'\rindexing {path}: shard {s + 1}/{len(paths)}, {len(rows)} samples', end='', flush=True)
-    print()
+        print(f'\rindexing {path}: shard {s + 1}/{len(paths)}, {len(rows)} samples', end='', flush=True,
+              file=sys.stderr)
+    print(file=sys.stderr)
     return rows, names
 
 
@@ -429,6 +431,15 @@ class StepBatches(torch.utils.data.IterableDataset):
                 host = None if self.text is None else self.text(list(caps), s, m)
                 step.append((torch.from_numpy(np.stack(imgs)), list(caps), m, bad, host))
             yield step
+
+
+def fixed_set(key, n, size, seed, min_size=0):
+    """A fixed held-out set: the first n samples (at most the source's size) of source `key` in the seeded
+    order of a one-source Mixture, bad ones skipped. Returns (uint8 images (n,R,R,3), captions)."""
+    mix = Mixture({key: 1.0}, size, seed, min_size)
+    n = min(n, len(mix.sources[0])) if key != 'shapes' else n
+    imgs, caps, _ = zip(*(mix[i] for i in range(n)))
+    return torch.from_numpy(np.stack(imgs)), list(caps)
 
 
 def quiet_worker(worker_id):

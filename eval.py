@@ -9,6 +9,12 @@ learning curve that train.py logs.
                                              # also FD_DINOv2 against a folder of real images
                                              # (sample.py --prompts=captions.txt writes such a samples folder)
 
+Caption retrieval, for real data (the emoji example, README): each prompt's generated image is matched
+against every image of the set (`gallery`); a hit when one of its k nearest carries the prompt's caption:
+
+    python eval.py --out_dir=out-emoji --prompts_from=data/emoji/held_out_pairs --n=156 \
+        --gallery="['data/emoji/train', 'data/emoji/held_out_pairs']"
+
 FD_DINOv2 (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics"): the Frechet distance
 between Gaussians fitted to DINOv2 features of the generated and of the reference images, FID with DINOv2 in
 place of Inception. For real data; the shapes set has its exact scorer.
@@ -38,6 +44,11 @@ batch_size = 100
 fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv2 of the samples against them
 fd_model = 'vit_base_patch14_reg4_dinov2'  # any timm ViT; its pooled features at 224px are compared
 fd_pretrained = True  # False: random weights (tests, no download)
+# caption retrieval (any data): the prompts are the captions of the first n samples of prompts_from (a folder
+# or shards, in data.fixed_set's seeded order); each sample is matched against all images of `gallery`
+prompts_from = ''
+gallery = []      # data keys: the set's images, every one a candidate
+thumb = 16        # the feature space: thumb x thumb RGB thumbnails, L2 (retrieval)
 device = ''  # default: cuda if available, else cpu
 dtype = ''   # default: bfloat16 on cuda, else float32
 
@@ -61,6 +72,48 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, no
             ' '.join(f"{k} {report['all'][k]:.0%}"
                      for k in ('background', 'color', 'shape', 'size', 'position')))
     return row, line
+
+
+# ---- caption retrieval ----
+
+def thumbnails(images, size=16):
+    """(n, 3 size^2) float features of uint8 (H, W, 3) images: each shrunk to size x size by the box filter
+    (area average), in [0, 1]. No weights, no download: exact anywhere, and it sees colour and layout (an
+    emoji's concept and its skin tone), not meaning."""
+    import torch
+    return torch.tensor(np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BOX))
+                                  for im in images]), dtype=torch.float32).flatten(1) / 255
+
+
+def retrieval(images, captions, gallery_images, gallery_captions, ks=(1, 5), size=16):
+    """Top-k caption retrieval: the fraction of images whose k nearest gallery images (L2 between
+    thumbnails) include one with the image's caption; chance_top<k>: the same for k gallery images drawn at
+    random, 1 - C(N - m, k) / C(N, k) for a caption that m of the N gallery images carry, averaged."""
+    import math
+    import torch
+    nearest = torch.cdist(thumbnails(images, size), thumbnails(gallery_images, size)).topk(
+        max(ks), largest=False).indices
+    owners = {}
+    for j, c in enumerate(gallery_captions):
+        owners.setdefault(c, set()).add(j)
+    N, row = len(gallery_captions), {'prompts': len(captions), 'gallery': len(gallery_captions)}
+    for k in ks:
+        hits = [bool(owners.get(c, set()) & set(nn[:k].tolist())) for c, nn in zip(captions, nearest)]
+        chance = [1 - math.comb(N - len(owners.get(c, ())), min(k, N)) / math.comb(N, min(k, N))
+                  for c in captions]
+        row[f'top{k}'], row[f'chance_top{k}'] = sum(hits) / len(hits), sum(chance) / len(chance)
+    return row
+
+
+def load_gallery(keys, size):
+    """(uint8 images, captions) of every readable sample of the data keys (folders or shards)."""
+    from data import FileSource, fixed_set
+    images, captions = [], []
+    for key in keys:
+        u8, caps = fixed_set(key, len(FileSource(key, size)), size, 0)
+        images += list(u8.numpy())
+        captions += caps
+    return images, captions
 
 
 def load_dir(samples_dir):
@@ -121,14 +174,16 @@ if __name__ == '__main__':
     configure(globals())
     if not 0 <= from_t < 1:
         sys.exit(f'eval.py: from_t={from_t}, want 0 (pure noise, the default) <= from_t < 1')
+    if from_t and prompts_from:
+        sys.exit('eval.py: from_t starts from the shapes set\'s own images; not with prompts_from')
     if samples_dir:
         images, captions = load_dir(samples_dir)
         if not images:
             sys.exit(f'eval.py: no 00000.png + 00000.txt pairs in {samples_dir}')
         try:
             report = full_report(images, captions, [caption_group(c) for c in captions])
-        except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 only
-            if not fd_ref:
+        except ValueError:   # captions of real data, outside the shapes grammar: FD_DINOv2 and retrieval
+            if not (fd_ref or gallery):
                 raise
             report = {}
     elif out_dir:
@@ -138,8 +193,14 @@ if __name__ == '__main__':
         dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
         model, encode, cfg = load_model(out_dir, device, use_ema, shift, cfg_scale, sg_scale)
         cfg_scale, sg_scale = cfg['cfg_scale'], cfg['sg_scale']
-        prompts = eval_prompts(n)
-        eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
+        if prompts_from:   # real data's captions; named after their folder
+            from data import fixed_set
+            prompts = [(c, None) for c in fixed_set(prompts_from, n, cfg['image_size'], seed)[1]]
+            name = os.path.basename(os.path.normpath(prompts_from))
+            eval_dir = os.path.join(run_dir(out_dir), f'eval_{name}')
+        else:
+            prompts = eval_prompts(n)
+            eval_dir = os.path.join(run_dir(out_dir), 'eval' if not from_t else f'eval_from_t{from_t}')
         starts = None
         if from_t:
             from data import to_model_images
@@ -148,10 +209,13 @@ if __name__ == '__main__':
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps,
                       cfg_scale, sg_scale, batch_size, seed, device, dtype, starts, from_t)
         images, captions = load_dir(eval_dir)
-        report = full_report(images, captions, [g for _, g in prompts])
+        report = {} if prompts_from else full_report(images, captions, [g for _, g in prompts])
     else:
         sys.exit('eval.py: nothing to score; set --samples_dir=DIR (a folder of 00000.png + 00000.txt pairs) '
                  'or --out_dir=DIR (a checkpoint to sample from)')
+    if gallery:
+        report['retrieval'] = retrieval(images, captions, *load_gallery(gallery, images[0].shape[0]),
+                                        size=thumb)
     if fd_ref:
         import timm
         import torch
@@ -160,10 +224,13 @@ if __name__ == '__main__':
                                 img_size=224).to(device).eval()
         report['fd_dinov2'] = fd_dinov2(images, load_images(fd_ref), net, device)
     if out_dir:
-        with open(os.path.join(run_dir(out_dir), 'eval.json'), 'w') as f:
+        # eval.json for the shapes set's prompts, eval_<folder>.json for real data's, beside the samples
+        json_path = eval_dir + '.json' if prompts_from else os.path.join(run_dir(out_dir), 'eval.json')
+        with open(json_path, 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
                                         shift=cfg['t_shift'], from_t=from_t, use_ema=use_ema, seed=seed,
-                                        fd_ref=fd_ref), **report}, f, indent=2)
+                                        fd_ref=fd_ref, prompts_from=prompts_from, gallery=gallery,
+                                        thumb=thumb), **report}, f, indent=2)
     shapes = report.pop('shapes', None)   # eval.json has it whole; stderr gets the wrong shapes in one line
     print(json.dumps(report, indent=2))
     if shapes:

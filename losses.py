@@ -106,6 +106,12 @@ class LossConfig:
         return cls(**{k: config[k] for k in cls.__dataclass_fields__})
 
 
+def flow_loss(x_pred, x, z, t, cfg):
+    """The denoising loss of cfg.loss_target: JiT's velocity loss, or the x loss."""
+    return (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
+            else x_loss(x_pred, x, t, cfg.edge_weight))
+
+
 def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None,
                    dino_net=None, repa_teacher=None):
     """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws
@@ -122,8 +128,7 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
     # (when off, the streams stay as they are)
     route = tread_draw(gen, B, (x.shape[-2] // patch_size) * (x.shape[-1] // patch_size)) if tread else None
     x_pred, repa = model(z, t, text, text_mask, route=route)
-    loss = (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
-            else x_loss(x_pred, x, t, cfg.edge_weight))
+    loss = flow_loss(x_pred, x, z, t, cfg)
     parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
     # perceptual losses compare the predicted clean image with the clean image, at every noise level
     if cfg.lpips_weight > 0:
@@ -137,6 +142,25 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
         loss, parts['repa'] = loss + cfg.repa_weight * l, l.detach()
     parts['loss'] = loss.detach()
     return loss, parts
+
+
+@torch.no_grad()
+def validation_loss(model, batches, cfg, bins=8, seed=0):
+    """The flow loss on fixed held-out batches [(x, text, mask)] at the centres of `bins` equal bins of t,
+    t = (k + 0.5) / bins, each image with the same noise at every call (drawn from `seed`): a curve that only
+    the weights move, any data set's learning curve (PRX logs the same). Draws nothing from the global RNG.
+    Returns a (bins,) tensor: the mean over the images at each t."""
+    total, n = torch.zeros(bins), 0
+    gen = torch.Generator(batches[0][0].device).manual_seed(seed)
+    for x, text, mask in batches:
+        noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
+        for k in range(bins):
+            t = torch.full((len(x),), (k + 0.5) / bins, device=x.device)
+            z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
+            x_pred = model(z, t, text, mask, route=False)[0]
+            total[k] += flow_loss(x_pred, x, z, t, cfg).float().cpu() * len(x)
+        n += len(x)
+    return total / n
 
 
 # ---- perceptual losses and REPA ----

@@ -123,7 +123,8 @@ def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, lim
         with open(os.path.join(dirs['train'], stem + '.txt'), 'w') as f:
             f.write(cap)
         written[stem] = cap
-        print(f'\r{i + 1}/{len(captions)} emoji written to {dirs["train"]}', end='', flush=True)
+        if (i + 1) % 500 == 0 or i + 1 == len(captions):
+            print(f'\r{i + 1}/{len(captions)} emoji written to {dirs["train"]}', end='', flush=True)
     print()
     # chosen among the images written: an unreadable file cannot take a held-out pair's partner from train
     held = choose_held_out(written.values(), held_out_pairs, seed)

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import init_errors, load_checkpoint, restore, save_checkpoint, stage_errors
-from data import BAD_REASONS, Mixture, StepBatches, quiet_worker, to_model_images
-from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
+from data import BAD_REASONS, Mixture, StepBatches, fixed_set, quiet_worker, to_model_images
+from losses import (LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher,
+                    validation_loss)
 from model import DiT, DiTConfig
 import muon
 from sample import read_prompts
@@ -81,6 +82,16 @@ grid_prompts = ''         # a file of the grids' captions ('': the data's first 
 eval_interval = 0         # 0 = off
 eval_n = 50
 eval_steps = 20
+# validation loss (any data): every val_interval steps, the EMA model's flow loss on the first val_n samples
+# of val_data (a folder or shards) at val_bins fixed t, with fixed noise (losses.validation_loss)
+val_interval = 0          # 0 = off
+val_data = ''
+val_n = 256
+val_bins = 8
+# Weights & Biases, as nanoGPT: the rows of log.jsonl and the grids (pip install wandb; off by default)
+wandb_log = False
+wandb_project = 'pixelrun'
+wandb_run_name = 'run'
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
@@ -125,7 +136,8 @@ def config_errors():
     errors = [f'{k}={config[k]!r}, want one of {c}' for k, c in choices.items() if config[k] not in c]
     lowest = {'batch_size': 1, 'micro_batch': 0, 'max_iters': 0, 'keep_ckpts': 1, 'max_bad_steps': 1,
               'warmup_iters': 1, 'cooldown_iters': 0, 'ema_interval': 1, 'image_size': 1, 'eval_n': 1,
-              'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0}
+              'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0, 'val_interval': 0, 'val_n': 1,
+              'val_bins': 1}
     errors += [f'{k}={config[k]}, want an integer >= {low}' for k, low in lowest.items() if config[k] < low]
     if patch_size >= 1 and image_size % patch_size:
         errors.append(f'image_size={image_size} is not a multiple of patch_size={patch_size} '
@@ -141,6 +153,9 @@ def config_errors():
                       f'time_budget={time_budget} may stop the run before it: set --time_budget=0 with a '
                       'cooldown')
     errors += Mixture.config_errors(data, max_bad_fraction)
+    if val_interval:
+        errors += [f'val_data: {e}' for e in Mixture.config_errors({val_data: 1.0})] if val_data else [
+            f'val_interval={val_interval} needs val_data (a folder or tar shards of held-out images)']
     return errors + cache_errors(text_cache, text_encoder, text_len) + init_errors(init_from, out_dir)
 
 
@@ -250,12 +265,19 @@ accum = step_batches.accum
 loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
                                           persistent_workers=num_workers > 0, worker_init_fn=quiet_worker,
                                           pin_memory=device_type == 'cuda'))
-if num_workers:   # at exit, multiprocessing stops workers with SIGTERM, which they ignore: the loader stops them first
+if num_workers:   # at exit, multiprocessing stops workers with SIGTERM, which they ignore: stop them first
     atexit.register(loader._shutdown_workers)
 curve = eval_interval > 0 and set(data) == {'shapes'}   # the learning curve scores shapes-set prompts only
 if master and sample_interval:   # the grids' captions: a file's, else the shapes set's or the data's first
     grid_captions = (read_prompts(grid_prompts) if grid_prompts else [c for c, _ in eval_prompts(16)]
                      if set(data) == {'shapes'} else mixture.captions(16))
+if master and val_interval:   # the validation set, encoded once
+    val_u8, val_captions = fixed_set(val_data, val_n, image_size, seed, min_image_size)
+    val_batches = [(to_model_images(val_u8[i:i + micro]).to(device), *encode(val_captions[i:i + micro]))
+                   for i in range(0, len(val_captions), micro)]
+if master and wandb_log:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 if master and changed:
     print(f"{init_from}: this run's optimizer settings replace the checkpoint's: " + ', '.join(changed))
 if master:
@@ -300,7 +322,7 @@ def count_skipped(skipped):
         bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
         if bad and master:
             print(f'step {s}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
-            log.write(json.dumps({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps}) + '\n')
+            log_row({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps})
         if bad_in_row >= max_bad_steps:
             raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
                              f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from '
@@ -332,19 +354,37 @@ def checkpoint():
                               'config': config, 'model_args': model_args}, keep_ckpts)
 
 
+def log_row(row):
+    """One row of log.jsonl, and of Weights & Biases if on."""
+    log.write(json.dumps(row) + '\n')
+    log.flush()
+    if wandb_log:
+        wandb.log(row, step=row['step'])
+
+
 def curve_point():
     from eval import learning_curve
     row, line = learning_curve(ema, encode, eval_n, image_size, eval_steps, cfg_scale, sg_scale, t_shift,
                                noise_scale, seed)
     print(f'eval step {step}: {line}', flush=True)
-    log.write(json.dumps({'step': step, **row}) + '\n')
-    log.flush()
+    log_row({'step': step, **row})
+
+
+def val_point():
+    losses = validation_loss(ema, val_batches, loss_cfg, val_bins, seed).tolist()
+    bins = {f't{(k + 0.5) / val_bins:.3g}': round(v, 5) for k, v in enumerate(losses)}
+    print(f'val step {step}: loss {sum(losses) / val_bins:.4g} | ' +
+          ' '.join(f'{t} {v:.3g}' for t, v in bins.items()), flush=True)
+    log_row({'step': step, 'val_loss': round(sum(losses) / val_bins, 5), 'val_loss_t': bins})
 
 
 def sample_grid():
     from sample import write_grid
-    write_grid(ema, encode, grid_captions, os.path.join(out_dir, f'samples_{step:06d}.png'), image_size,
-               sample_steps, cfg_scale, sg_scale, t_shift, noise_scale, seed)
+    path = os.path.join(out_dir, f'samples_{step:06d}.png')
+    write_grid(ema, encode, grid_captions, path, image_size, sample_steps, cfg_scale, sg_scale, t_shift,
+               noise_scale, seed)
+    if wandb_log:
+        wandb.log({'samples': wandb.Image(path)}, step=step)
 
 
 def after_checkpoint(what, work):
@@ -430,14 +470,15 @@ while step < max_iters and not (stopped_by := stop_now()):
                                   for src, counts in zip(data, bad_total.cpu()) if counts.any()}
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()),
               flush=True)
-        log.write(json.dumps(row) + '\n')
-        log.flush()
+        log_row(row)
         t_log, steps_since_log = time.time(), 0
     if master and ckpt_interval and step % ckpt_interval == 0:
         checkpoint()
         t_log = time.time()
     if master and curve and (step % eval_interval == 0 or step == max_iters):
         after_checkpoint('learning curve', curve_point)
+    if master and val_interval and step % val_interval == 0:
+        after_checkpoint('validation loss', val_point)
     if master and sample_interval and step % sample_interval == 0:
         after_checkpoint('sample grid', sample_grid)
 
@@ -455,12 +496,16 @@ if ddp:  # a cheap desync check: every rank must hold rank 0's weights
 if master:
     if saved_step != step:   # the loop's last step may have written it already
         checkpoint()
+    if val_interval and step % val_interval:   # the last step's point, where the loop's interval missed it
+        after_checkpoint('validation loss', val_point)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)
     print(json.dumps(summary))
-    log.write(json.dumps(summary) + '\n')
+    log_row(summary)
     log.close()
+    if wandb_log:
+        wandb.finish()
 if ddp:
     dist.barrier()  # every rank reaches teardown together: gloo aborts a rank whose peer is still busy
     dist.destroy_process_group()

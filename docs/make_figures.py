@@ -5,6 +5,11 @@ README's two pictures from a finished default run (python train.py && python eva
 
 samples.png: the first 12 evaluation prompts' EMA samples, each with its caption and eval.py's verdict;
 curve.png: the learning curve in log.jsonl (eval.py's score every eval_interval steps).
+
+The emoji example's picture, generated emoji under the real ones of the same captions:
+
+    python sample.py --out_dir=out-emoji --prompts=docs/emoji_prompts.txt --samples_dir=out-emoji/figure
+    python docs/make_figures.py --emoji_samples=out-emoji/figure    # writes docs/emoji.png
 """
 import json
 import os
@@ -20,6 +25,8 @@ from shapes import score_image  # noqa: E402
 out_dir = 'out'
 n = 12
 scale = 2                 # each 64px sample drawn at 128px
+emoji_samples = ''        # a sample.py folder of emoji prompts: draw docs/emoji.png instead
+emoji_data = ['data/emoji/train', 'data/emoji/held_out_pairs']   # where the real emoji of its captions are
 docs = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -66,9 +73,35 @@ def curve_figure(log_path, path, w=640, h=300, pad=40):
     fig.save(path)
 
 
+def emoji_figure(samples_dir, folders, path, size=64, cols=8):
+    """Per caption of the samples folder: the real emoji (top) and the generated one (below), captioned."""
+    real = {}
+    for folder in folders:
+        for f in sorted(os.listdir(folder)):
+            if f.endswith('.txt'):
+                real[open(os.path.join(folder, f)).read().strip()] = os.path.join(folder, f[:-4] + '.png')
+    stems = sorted(f[:-4] for f in os.listdir(samples_dir) if f.endswith('.txt'))
+    cell_w, text_h = size + 24, 50
+    fig = Image.new('RGB', (cols * cell_w, -(-len(stems) // cols) * (2 * size + text_h)), 'white')
+    draw = ImageDraw.Draw(fig)
+    for i, stem in enumerate(stems):
+        cap = open(os.path.join(samples_dir, stem + '.txt')).read().strip()
+        x, y = (i % cols) * cell_w + 12, (i // cols) * (2 * size + text_h)
+        fig.paste(Image.open(real[cap]).convert('RGB').resize((size, size), Image.NEAREST), (x, y + 4))
+        fig.paste(Image.open(os.path.join(samples_dir, stem + '.png')).convert('RGB').resize((size, size),
+                                                                                            Image.NEAREST),
+                  (x, y + 4 + size))
+        for k, line in enumerate(textwrap.wrap(cap, 14)[:4]):
+            draw.text((x - 8, y + 2 * size + 6 + 10 * k), line, fill='black')
+    fig.save(path)
+
+
 if __name__ == '__main__':
     from configurator import configure
     configure(globals())
+    if emoji_samples:
+        emoji_figure(emoji_samples, emoji_data, os.path.join(docs, 'emoji.png'))
+        raise SystemExit(f'wrote {docs}/emoji.png')
     samples_figure(os.path.join(out_dir, 'eval'), os.path.join(docs, 'samples.png'), n, scale)
     curve_figure(os.path.join(out_dir, 'log.jsonl'), os.path.join(docs, 'curve.png'))
     print(f'wrote {docs}/samples.png and {docs}/curve.png')

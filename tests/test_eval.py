@@ -228,3 +228,37 @@ def test_from_t_samples_start_from_the_real_images():
     out = subprocess.run([sys.executable, 'eval.py', '--out_dir=nowhere', '--from_t=1.0'], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode != 0 and 'from_t=1.0, want 0' in out.stderr
+
+
+def test_retrieval_finds_each_image_by_its_caption(tmp_path):
+    from eval import retrieval, thumbnails
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+    gallery = [np.full((32, 32, 3), c, np.uint8) for c in colours]
+    captions = ['red', 'green', 'blue', 'yellow', 'cyan', 'magenta']
+    assert thumbnails(gallery[:1], 4).shape == (1, 48) and thumbnails(gallery[:1], 4).max() == 1.0
+    # generated images: the gallery's own colours, a little off, in another order
+    rng = np.random.default_rng(0)
+    gen = [np.clip(gallery[i].astype(int) + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+           for i in (2, 0, 1)]
+    row = retrieval(gen, ['blue', 'red', 'green'], gallery, captions, ks=(1, 5))
+    assert row['top1'] == 1.0 and row['top5'] == 1.0 and row['gallery'] == 6 and row['prompts'] == 3
+    assert row['chance_top1'] == pytest.approx(1 / 6) and row['chance_top5'] == pytest.approx(5 / 6)
+    # wrong captions: blue's nearest is blue, captioned 'red' here; top-5 still holds red among 5 of 6
+    row = retrieval(gen, ['red', 'green', 'blue'], gallery, captions, ks=(1, 5))
+    assert row['top1'] == 0.0 and row['top5'] == 1.0
+    # a caption two gallery images carry: either one is a hit, and chance counts both
+    row = retrieval(gen[:1], ['blue'], gallery, ['red', 'green', 'blue', 'blue', 'cyan', 'magenta'], ks=(1,))
+    assert row['top1'] == 1.0 and row['chance_top1'] == pytest.approx(2 / 6)
+    # the command line: a samples folder against a gallery folder (caption files beside the images)
+    (tmp_path / 'set').mkdir()
+    (tmp_path / 'gen').mkdir()
+    for i, (img, cap) in enumerate(zip(gallery, captions)):
+        Image.fromarray(img).save(tmp_path / 'set' / f'{i}.png')
+        (tmp_path / 'set' / f'{i}.txt').write_text(cap)
+    for i, (img, cap) in enumerate(zip(gen, ['blue', 'red', 'green'])):
+        Image.fromarray(img).save(tmp_path / 'gen' / f'{i:05d}.png')
+        (tmp_path / 'gen' / f'{i:05d}.txt').write_text(cap)
+    out = subprocess.run([sys.executable, 'eval.py', f"--samples_dir={tmp_path / 'gen'}",
+                          f"--gallery=['{tmp_path / 'set'}']"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)['retrieval']['top1'] == 1.0

@@ -241,3 +241,30 @@ def test_repa_grid_mismatch_raises(teacher):
         repa_loss(teacher, (torch.randn(2, 63, 32), None), x, 8)
     with pytest.raises(ValueError):
         repa_loss(teacher, (torch.randn(2, 64, 32), None), x, 16)  # a 4x4 grid has 16 tokens, not 64
+
+
+def test_validation_loss_at_fixed_t_and_noise():
+    """A model that hands back z: its flow loss at t is ((x - z) / (1 - t))^2 = (x - noise)^2 wherever
+    1 - t >= v_clip, with the noise drawn from the seed; the same at every call, and the global RNG untouched."""
+    from losses import LossConfig, validation_loss
+
+    class Identity(torch.nn.Module):
+        def forward(self, z, t, text, mask, route=None):
+            assert route is False   # validation is dense: no TREAD route
+            return z, None
+
+    x = [images(1, (3, 3, 8, 8)), images(2, (2, 3, 8, 8))]
+    batches = [(b, torch.zeros(len(b), 4), torch.ones(len(b), 4, dtype=torch.bool)) for b in x]
+    cfg = LossConfig(v_clip=0.05)
+    state = torch.get_rng_state()
+    got = validation_loss(Identity(), batches, cfg, bins=4, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    gen = torch.Generator().manual_seed(5)
+    noise = [torch.randn(b.shape, generator=gen) for b in x]
+    want = sum(((b - n) ** 2).mean() * len(b) for b, n in zip(x, noise)) / 5
+    assert got.shape == (4,) and torch.allclose(got, want.expand(4), rtol=1e-5)   # t = 1/8 .. 7/8: never clipped
+    assert torch.equal(validation_loss(Identity(), batches, cfg, bins=4, seed=5), got)
+    assert not torch.equal(validation_loss(Identity(), batches, cfg, bins=4, seed=6), got)
+    # the x loss of the same model weighs each bin by (1 - t)^2
+    got_x = validation_loss(Identity(), batches, LossConfig(loss_target='x'), bins=4, seed=5)
+    assert torch.allclose(got_x, want * torch.tensor([7 / 8, 5 / 8, 3 / 8, 1 / 8]) ** 2, rtol=1e-5)

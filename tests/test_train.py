@@ -19,8 +19,9 @@ def command(out, *args, torchrun=0):
                               if torchrun else []), 'train.py', f'--out_dir={out}', *TINY, *args]
 
 
-def train(out, *args, torchrun=0):
-    r = subprocess.run(command(out, *args, torchrun=torchrun), cwd=ROOT, capture_output=True, text=True, timeout=300)
+def train(out, *args, torchrun=0, env=None):
+    r = subprocess.run(command(out, *args, torchrun=torchrun), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=None if env is None else {**os.environ, **env})
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
@@ -125,13 +126,27 @@ def test_muon_adaln_off_leaves_the_modulation_to_adam():
     assert muon.param_groups[0]['ns_steps'] == 3
 
 
-def test_learning_curve_rows_do_not_change_training(tmp_path):
+def test_learning_curve_validation_loss_and_wandb_do_not_change_training(tmp_path):
+    from make_shapes_data import write_shapes_data
+    write_shapes_data(str(tmp_path / 'd'), 12, 32, 6)   # a held-out folder for the validation loss
     args = ['--max_iters=6', '--batch_size=8', '--warmup_iters=2', '--route_ratio=0.5', '--route_start=1', '--n_layer=3']
     plain = train(tmp_path / 'plain', *args)
-    curve = train(tmp_path / 'curve', *args, '--eval_interval=3', '--eval_n=10', '--eval_steps=2')
+    curve = train(tmp_path / 'curve', *args, '--eval_interval=3', '--eval_n=10', '--eval_steps=2', '--val_interval=3',
+                  f"--val_data={tmp_path / 'd' / 'folder'}", '--val_n=5', '--val_bins=4', '--wandb_log=True',
+                  '--wandb_run_name=tiny', '--sample_interval=6', '--sample_steps=2',
+                  env={'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path)})
     evals = [r for r in curve if 'eval' in r]
     assert [r['step'] for r in evals] == [3, 6]
     assert evals[0]['eval']['all']['n'] == 10 and {'correct', 'background', 'shape'} <= evals[0]['eval']['all'].keys()
+    vals = [r for r in curve if 'val_loss' in r]
+    assert [r['step'] for r in vals] == [3, 6] and list(vals[0]['val_loss_t']) == ['t0.125', 't0.375', 't0.625', 't0.875']
+    assert vals[0]['val_loss'] == pytest.approx(sum(vals[0]['val_loss_t'].values()) / 4, abs=2e-5)
+    assert vals[1]['val_loss'] != vals[0]['val_loss']   # the weights moved, nothing else did
+    # wandb, offline: one run holding the same rows and the grid
+    run, = (tmp_path / 'wandb').glob('offline-run-*')
+    record = next(run.glob('run-*.wandb')).read_bytes()
+    assert all(key in record for key in (b'val_loss', b'flow', b'eval', b'samples'))
+    assert list((run / 'files' / 'media' / 'images').glob('samples_6_*.png'))
     losses = lambda log: [(r['step'], r['loss']) for r in log if 'loss' in r]
     assert losses(plain) == losses(curve) and len(losses(plain)) == 6   # TREAD's draws included
     a, b = ckpt(tmp_path / 'plain'), ckpt(tmp_path / 'curve')
