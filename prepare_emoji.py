@@ -109,6 +109,13 @@ def openmoji_image(path, size):
     return to_rgb(Image.open(io.BytesIO(cairosvg.svg2png(url=path, output_width=size, output_height=size))))
 
 
+def write_sample(folder, stem, img, caption):
+    """folder/<stem>.png and folder/<stem>.txt: one sample in the layout data.py reads."""
+    img.save(os.path.join(folder, stem + '.png'))
+    with open(os.path.join(folder, stem + '.txt'), 'w') as f:
+        f.write(caption)
+
+
 def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, limit=0):
     """Writes out/{train,val,held_out_pairs}/<stem>.png + .txt and out/split.json; returns split.json's
     dict."""
@@ -129,9 +136,7 @@ def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, lim
         except Exception:   # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
             skipped['unreadable'] += 1
             continue
-        img.save(os.path.join(dirs['train'], stem + '.png'))
-        with open(os.path.join(dirs['train'], stem + '.txt'), 'w') as f:
-            f.write(cap)
+        write_sample(dirs['train'], stem, img, cap)
         written[stem] = cap
         if (i + 1) % 500 == 0 or i + 1 == len(captions):
             print(f'\r{i + 1}/{len(captions)} emoji written to {dirs["train"]}', end='', flush=True)
@@ -157,9 +162,7 @@ def prepare_emoji(out, image_size=64, seed=0, held_out_pairs=0.1, n_val=256, lim
         except Exception:   # a drawing cairosvg cannot render is counted, and the next concept taken
             unrendered += 1
             continue
-        img.save(os.path.join(dirs['val'], stem + '.png'))
-        with open(os.path.join(dirs['val'], stem + '.txt'), 'w') as f:
-            f.write(written[stem])
+        write_sample(dirs['val'], stem, img, written[stem])
         val.append(stem)
     split = {'files': len(stems), 'matched': len(written), 'skipped': skipped, 'train': len(train),
              'val': len(val), 'val_unrendered': unrendered, 'held_out_pairs': len(written) - len(train),
