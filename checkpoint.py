@@ -5,8 +5,7 @@ shape (model_args).
 
     init_from='resume'       continue out_dir's own run: everything as it was
     init_from='x/ckpt.pt'    a new stage from that run (the speedrun's 1024px stage 2): its weights, EMA,
-                             optimizer state and step; routing, the REPA tap and REPA itself may change,
-                             nothing else of the model
+                             optimizer state and step; routing and REPA may change, nothing else
 """
 import os
 import pickle
@@ -20,11 +19,8 @@ PER_STAGE = ('route_ratio', 'route_start', 'route_end', 'repa_block', 'repa_dim'
 
 
 def load_checkpoint(path):
-    """A checkpoint's dict, read with weights_only=True: tensors and plain types only, so a checkpoint from
-    someone else cannot run code while it is read (a full unpickle can)."""
-    try:
-        # mmap: tensors are read from the file as they are copied into place, not all held in memory at once
-        # (8 ranks of a node each holding a whole speedrun checkpoint would be about 48 GB)
+    """A checkpoint's dict, tensors and plain types only: one from someone else cannot run code."""
+    try:   # mmap: 8 ranks of a node each holding a whole speedrun checkpoint would be about 48 GB
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise SystemExit(f'{path}: refused, it holds more than tensors and plain types (weights_only=True): '
@@ -56,9 +52,8 @@ def init_errors(init_from, out_dir):
 
 
 def save_checkpoint(out_dir, ckpt, keep=1):
-    """Write ckpt (a dict with 'step') as out_dir/ckpt.pt, atomically: a crash mid-write never leaves half a
-    file. keep > 1 also keeps the `keep` latest as ckpt_0001000.pt, ... (hard links: no copy, and deleting an
-    old name never touches ckpt.pt)."""
+    """Write ckpt (a dict with 'step') as out_dir/ckpt.pt, atomically (never half a file); keep > 1 also keeps
+    the `keep` latest as ckpt_0001000.pt, ... (hard links: no copy; deleting one never touches ckpt.pt)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     torch.save(ckpt, path + '.tmp')
     os.replace(path + '.tmp', path)
@@ -72,8 +67,7 @@ def save_checkpoint(out_dir, ckpt, keep=1):
 
 
 def split_of(config):
-    """(optimizer, muon_adaln) of a run's config: how it shares the parameters between AdamW and Muon (a
-    checkpoint from before these keys: AdamW only, or Muon with the adaLN matrices)."""
+    """(optimizer, muon_adaln): a config's AdamW/Muon split (before these keys: AdamW; Muon with adaLN)."""
     return config.get('optimizer', 'adamw'), config.get('muon_adaln', True)
 
 
@@ -84,7 +78,7 @@ def split_words(config):
 
 def stage_errors(ckpt, model_args, config, init_from):
     """Why this run cannot go on from ckpt: another model shape, or another AdamW/Muon split (the optimizer
-    states are loaded one to one). An empty list when it can."""
+    states load one to one)."""
     differ = [f'{k}={model_args[k]!r} (checkpoint: {v!r})' for k, v in ckpt['model_args'].items()
               if k not in PER_STAGE and model_args.get(k) != v]
     errors = ([f"init_from={init_from}: the model differs from the checkpoint's: " + ', '.join(differ)]
@@ -97,9 +91,8 @@ def stage_errors(ckpt, model_args, config, init_from):
 
 
 def drop_repa(ckpt):
-    """Stage 2 turns REPA off: the projector's weights leave the model and EMA, and its Adam state leaves
-    AdamW's, found by name (the optimizer state dict numbers its parameters in DiT.optimizer_split's
-    order)."""
+    """Stage 2 turns REPA off: the projector leaves the model, the EMA and AdamW's state, found by name (the
+    state dict numbers its parameters in DiT.optimizer_split's order)."""
     with torch.device('meta'):   # the names only: no memory, no init work
         model = DiT(DiTConfig(**ckpt['model_args']))
     adam_names, _ = model.optimizer_split(*split_of(ckpt['config']))
@@ -114,11 +107,22 @@ def drop_repa(ckpt):
         adam['state'].pop(i, None)
 
 
+def load_stage(init_from, out_dir, model_args, config):
+    """The checkpoint init_from names (None for 'scratch'), or an exit when this run cannot go on from it."""
+    if init_from == 'scratch':
+        return None
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
+    if errors := stage_errors(ckpt, model_args, config, init_from):
+        raise SystemExit('config error: ' + '\nconfig error: '.join(errors))
+    return ckpt
+
+
 def restore(ckpt, raw, ema, opts, keep=()):
-    """Load ckpt into the model, its EMA and the optimizers. The optimizers' settings stay this run's (a state
-    dict would bring back the checkpoint's lr, betas, momentum, ...), but for the names in keep, taken from
-    the checkpoint. Returns (step, samples seen, ['name: checkpoint's -> this run's' of each changed
-    setting])."""
+    """Load ckpt (None: nothing) into the model, its EMA and the optimizers, whose settings stay this run's
+    but for the names in keep (a state dict would bring back the checkpoint's lr, betas, ...). Returns (step,
+    samples seen, ["name: checkpoint's -> this run's" of each changed setting])."""
+    if ckpt is None:
+        return 0, 0, []
     if raw.repa_proj is None and any(k.startswith('repa_proj.') for k in ckpt['model']):
         drop_repa(ckpt)
     raw.load_state_dict(ckpt['model'])

@@ -21,11 +21,9 @@ from PIL import Image
 
 from shapes import ShapesSource
 
-# ---- data sources ----
-# A `data` key is 'shapes', a folder, or tar shards (a glob or a brace range, 'data/{00000..00127}.tar').
-# Folders and shards are indexed once (every sample's file, byte offset and length, in .npy files beside the
-# data) and read by offset; the index is memory-mapped, so a DataLoader worker holds no per-sample Python
-# objects (8.7M captions as Python strings would be gigabytes in every worker).
+# ---- data sources: 'shapes', a folder, or tar shards (a glob or a range, 'data/{00000..00127}.tar') ----
+# indexed once (each sample's file, offset and length, in .npy files beside the data) and memory-mapped: no
+# per-sample Python objects in a worker (8.7M captions as Python strings would be gigabytes in each)
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff')
 BAD_REASONS = ('unreadable_file', 'empty_file', 'corrupt_image', 'truncated_image', 'too_big', 'too_small',
@@ -49,8 +47,8 @@ def shard_paths(pattern):
 
 
 def index_folder(root):
-    """(rows, names) of a folder: its metadata.jsonl if there is one, else every image below it (recursively)
-    with the same-stem .txt or .json caption. Hidden folders (the index's own) are skipped."""
+    """(rows, names) of a folder: its metadata.jsonl, else every image below it with the same-stem .txt or
+    .json caption, hidden folders (the index's own) skipped."""
     names, rows = [], []
     meta = os.path.join(root, 'metadata.jsonl')
     if os.path.isfile(meta):
@@ -88,22 +86,20 @@ def index_folder(root):
 
 
 def index_shards(paths, root):
-    """(rows, names) of WebDataset tar shards (img2dataset's layout): members {key}.{jpg,png,webp,...} with
-    {key}.txt and/or {key}.json, the key being the name up to the first dot of its last part."""
+    """(rows, names) of WebDataset tar shards (img2dataset's layout): {key}.{jpg,png,...} with {key}.txt
+    and/or {key}.json, the key being the name up to the first dot of its last part."""
     rows, names = [], []
     for s, path in enumerate(paths):
         names.append(os.path.relpath(path, root))
         samples = {}   # key -> {ext: (offset, size)}, in tar order
-        try:
-            # tarfile seeks over member data: reading the headers is cheap
+        try:   # tarfile seeks over member data: reading the headers is cheap
             with tarfile.open(path, 'r:') as tar:
                 for m in tar:
                     if m.isfile():
                         d, base = os.path.split(m.name)
                         stem, _, ext = base.partition('.')
                         samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
-        except tarfile.TarError as e:
-            # a shard cut short (an interrupted copy): keep what came before the damage
+        except tarfile.TarError as e:   # a shard cut short (an interrupted copy): keep what came before
             print(f'\n{path} is damaged ({e}): {len(samples)} samples read before it', file=sys.stderr)
         for parts in samples.values():
             img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
@@ -118,9 +114,8 @@ def index_shards(paths, root):
 
 
 def open_index(key):
-    """(samples, names blob, name ends, root) of a folder or shard set: the index beside the data, built on
-    first use (in ~/.cache/pixelrun if the data's folder is read-only). A shard set whose files changed size
-    is indexed again."""
+    """(samples, names blob, name ends, root) of a folder or shard set: the index beside the data (else in
+    ~/.cache/pixelrun), built on first use and again when a shard's size changed."""
     if os.path.isdir(key):
         root, paths, where = key, None, os.path.join(key, '.pixelrun-index')
     else:
@@ -158,8 +153,7 @@ def open_index(key):
 
 
 def to_rgb(img):
-    """Any mode Pillow opens -> RGB: transparency composited on white, 16-bit grey
-    scaled (convert() would clip)."""
+    """Any mode Pillow opens -> RGB: transparency on white, 16-bit grey scaled (convert() would clip)."""
     if img.mode in ('I;16', 'I;16L', 'I;16B', 'I'):
         img = Image.fromarray((np.asarray(img) >> 8).clip(0, 255).astype(np.uint8))
     if img.mode == 'P':
@@ -177,14 +171,11 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        # Pillow itself only refuses (DecompressionBombError) at twice this
-        if w * h > Image.MAX_IMAGE_PIXELS:
+        if w * h > Image.MAX_IMAGE_PIXELS:   # Pillow itself only refuses at twice this
             raise BadSample('too_big')
         if min(w, h) < min_size:
             raise BadSample('too_small')
-        # JPEG: the decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), keeping both sides
-        # >= size. A 1024px source decodes at 512px for a quarter of the work; the main lever for 200 images/s
-        # per core
+        # JPEG decodes at 1/2, 1/4 or 1/8 (DCT scaling), sides >= size: a quarter of the work from 1024px
         img.draft('RGB', (size, size))
         img.load()   # decode here, where a broken file is caught
         img = to_rgb(img)
@@ -198,9 +189,8 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
     m = min(w, h)
     left, top = ((rng.random() * (w - m), rng.random() * (h - m)) if random_crop
                  else ((w - m) / 2, (h - m) / 2))
-    # only the crop is resampled: after decoding, the loader's main cost. Shrinking, the box filter (each
-    # output pixel the area average of the source pixels it covers: a sound antialiasing filter) is the
-    # cheapest, bicubic costs about twice bilinear (BENCHMARKS.md); enlarging, box would be blocky: bilinear
+    # shrinking, the box filter (area average: sound antialiasing) is the cheapest (BENCHMARKS.md); enlarging,
+    # box would be blocky
     resample = Image.BOX if m >= size else Image.BILINEAR
     img = img.resize((size, size), resample, box=(left, top, left + m, top + m))
     if hflip and rng.random() < 0.5:
@@ -209,8 +199,8 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
 
 
 def read_caption(data, is_json):
-    """Caption file bytes (None: no caption file) -> str; a .json (img2dataset's) or metadata.jsonl line holds
-    it under 'caption' or 'text'. Raises BadSample."""
+    """Caption file bytes (None: no file) -> str; a .json or metadata.jsonl line holds it under 'caption' or
+    'text'. Raises BadSample."""
     if data is None:
         raise BadSample('no_caption')
     try:
@@ -228,8 +218,7 @@ def read_caption(data, is_json):
 
 
 class FileSource:
-    """A folder or a tar shard set, read by offset through its index:
-    j -> (uint8 image, caption) or BadSample."""
+    """A folder or a tar shard set, read by offset through its index: j -> (uint8 image, caption)."""
 
     def __init__(self, key, size, min_size=0, random_crop=False, hflip=False):
         self.key, self.size, self.min_size, self.random_crop, self.hflip = (
@@ -237,8 +226,7 @@ class FileSource:
         self.samples, self.names, self.name_ends, self.root = open_index(key)
         if not len(self.samples):
             raise ValueError(f'data source {key!r} holds no images')
-        # file descriptors; os.pread needs no shared file position, so forked workers may share them
-        self.fds = {}
+        self.fds = {}   # os.pread needs no shared file position: forked workers may share them
 
     def __len__(self):
         return len(self.samples)
@@ -276,8 +264,7 @@ class FileSource:
 
 
 def mix64(x):
-    """splitmix64's finaliser: a well-mixed 64-bit hash of an integer,
-    the same in every process and Python."""
+    """splitmix64's finaliser: a well-mixed 64-bit hash of an integer, the same in every process."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -285,9 +272,8 @@ def mix64(x):
 
 
 def permute(j, n, key):
-    """Position j of a pseudo-random permutation of range(n) chosen by `key`, in O(1) memory (a stored
-    permutation of 6M samples would be 48 MB per worker): a 4-round Feistel network on the smallest power of
-    4 >= n, repeated until the result falls inside range(n) (cycle walking; at most 4 tries on average)."""
+    """Position j of a pseudo-random permutation of range(n) chosen by `key`, in O(1) memory (a stored one of
+    6M samples: 48 MB per worker): a 4-round Feistel network on the next power of 4 >= n, cycle walking."""
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
     while True:
@@ -304,20 +290,15 @@ MAX_TRIES = 100   # bad samples in a row before a source is given up on
 
 
 class Mixture:
-    """Weighted mixture of sources, deterministic by (seed, index): {'shapes': 1.0} or {folder or shards:
-    weight, ...}. Global sample i -> (uint8 image, caption, [(source, reason index) of each bad sample skipped
-    on the way]).
-
-    Sources take turns by weight: every block of BLOCK samples holds each source's share (largest remainder)
-    in a random order, so the n-th draw from source k is known from i alone. Draw n of a source of N samples
-    is position n % N of epoch n // N's permutation: every sample once per epoch, a fresh order each epoch. A
-    bad sample is counted and replaced by the next position of the same permutation; a source with more than
-    max_bad_fraction bad reads (once a worker has read min(its size, 10000)) stops the run."""
+    """Weighted mixture of sources, deterministic by (seed, index): global sample i -> (uint8 image, caption,
+    [(source, reason index) of each bad sample skipped on the way]). Every block of BLOCK samples holds each
+    source's share in a random order; draw n of a source of N samples is position n % N of epoch n // N's
+    permutation. A bad sample is replaced by the next position; more than max_bad_fraction bad reads (after
+    min(size, 10000)) stop the run."""
 
     @staticmethod
     def config_errors(data, max_bad_fraction=1.0):
-        """What is wrong with a `data` config before anything is read: every source must exist,
-        every weight > 0."""
+        """What is wrong with a `data` config before anything is read."""
         if not isinstance(data, dict) or not data:
             return [f"data={data!r}, want {{'shapes': 1.0}} or {{folder or shards: weight, ...}}"]
         errors = [f'data source {k!r} does not exist (want a folder, tar shards as a glob or a '
@@ -385,8 +366,7 @@ class Mixture:
         self.stop(k, f'{MAX_TRIES} in a row')
 
     def captions(self, n):
-        """The captions of global samples 0..n-1 (bad ones skipped): train.py's grid prompts for real data,
-        which cache_text.py caches with every other caption."""
+        """The captions of global samples 0..n-1 (bad ones skipped): train.py's grid prompts for real data."""
         reads, bad = self.reads.copy(), self.bad.copy()
         caps = [self[i][1] for i in range(n)]
         self.reads, self.bad = reads, bad   # the bad-sample stop counts training's reads only
@@ -399,15 +379,11 @@ class Mixture:
 
 
 class StepBatches(torch.utils.data.IterableDataset):
-    """Endless training steps for one process, from step start_step whose global batch starts at sample
-    start_sample (default start_step * B): each step's global batch is the next B samples, so a new stage at
-    another batch size goes on from the samples it has not seen. The global batch is
-    cut into micro-batches m = 0..B/micro-1 and process `rank` takes m = rank*accum .. rank*accum+accum-1. So
-    one process with accumulation sees exactly the samples that several processes see together. Each item is
-    one step's list of (uint8 images (b,R,R,3), captions, m, bad, text): text is None or text(captions, step,
-    m), e.g. (states, mask) from a text-embedding cache, and bad (sources, BAD_REASONS) counts the
-    samples skipped for this micro-batch (it travels with the batch out of the worker process). DataLoader
-    workers take whole steps in turn, which keeps the order."""
+    """Endless training steps for one process from step start_step, whose global batch starts at sample
+    start_sample (default start_step * B); each next step's is the next B samples, cut into micro-batches
+    m = 0..B/micro-1, process `rank` taking rank*accum..rank*accum+accum-1: one process with accumulation sees
+    what several see together. An item is one step's list of (uint8 images (b,R,R,3), captions, m, bad
+    (sources, BAD_REASONS) counts, text(captions, step, m) or None); workers take whole steps in turn."""
 
     def __init__(self, source, batch_size, micro_batch, rank, world, start_step=0, start_sample=None,
                  text=None):
@@ -427,24 +403,14 @@ class StepBatches(torch.utils.data.IterableDataset):
                 bad = torch.zeros(len(self.source.sources), len(BAD_REASONS), dtype=torch.long)
                 for k, r in itertools.chain(*skipped):
                     bad[k, r] += 1
-                # text(captions, step, m): the micro-batch's text states, looked up here in the worker
                 host = None if self.text is None else self.text(list(caps), s, m)
                 step.append((torch.from_numpy(np.stack(imgs)), list(caps), m, bad, host))
             yield step
 
 
-def fixed_set(key, n, size, seed, min_size=0):
-    """A fixed held-out set: the first n samples (at most the source's size) of source `key` in the seeded
-    order of a one-source Mixture, bad ones skipped. Returns (uint8 images (n,R,R,3), captions)."""
-    mix = Mixture({key: 1.0}, size, seed, min_size)
-    n = min(n, len(mix.sources[0])) if key != 'shapes' else n
-    imgs, caps, _ = zip(*(mix[i] for i in range(n)))
-    return torch.from_numpy(np.stack(imgs)), list(caps)
-
-
 def quiet_worker(worker_id):
-    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler signals the whole process group (torchrun's
-    killpg, SLURM), and a worker killed by it would take its rank down before the rank's last checkpoint."""
+    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler signals the whole process group (torchrun,
+    SLURM), and a killed worker would take its rank down before the rank's last checkpoint."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -1,7 +1,7 @@
 """
 Evaluation: prompt adherence on the shapes set (shapes.py's exact scorer, "Scoring" in docs/shapes.md: does
 each object of the caption appear with its colour, shape, size and place?), FD_DINOv2 for real data, and the
-learning curve that train.py logs.
+learning curve and validation loss that train.py logs.
 
     python eval.py --samples_dir=samples     # score 00000.png + 00000.txt, ... in a folder
     python eval.py --out_dir=out --n=200     # sample the evaluation prompts from out/ckpt.pt, then score
@@ -45,7 +45,7 @@ fd_ref = ''  # a folder of reference images (png/jpg/webp): also report FD_DINOv
 fd_model = 'vit_base_patch14_reg4_dinov2'  # any timm ViT; its pooled features at 224px are compared
 fd_pretrained = True  # False: random weights (tests, no download)
 # caption retrieval (any data): the prompts are the captions of the first n samples of prompts_from (a folder
-# or shards, in data.fixed_set's seeded order); each sample is matched against all images of `gallery`
+# or shards, in fixed_set's seeded order); each sample is matched against all images of `gallery`
 prompts_from = ''
 gallery = []      # data keys: the set's images, every one a candidate
 thumb = 16        # the feature space: thumb x thumb RGB thumbnails, L2 (retrieval)
@@ -72,6 +72,54 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, no
             ' '.join(f"{k} {report['all'][k]:.0%}"
                      for k in ('background', 'color', 'shape', 'size', 'position')))
     return row, line
+
+
+def fixed_set(key, n, size, seed, min_size=0):
+    """A fixed held-out set: the first n samples (at most the source's size) of source `key` in the seeded
+    order of a one-source Mixture, bad ones skipped. Returns (uint8 images (n,R,R,3), captions)."""
+    import torch
+    from data import Mixture
+    mix = Mixture({key: 1.0}, size, seed, min_size)
+    n = min(n, len(mix.sources[0])) if key != 'shapes' else n
+    imgs, caps, _ = zip(*(mix[i] for i in range(n)))
+    return torch.from_numpy(np.stack(imgs)), list(caps)
+
+
+def validation_set(key, n, size, seed, min_size, batch, encode, device):
+    """train.py's validation batches [(x, text, mask)]: fixed_set's samples on the device, encoded once."""
+    from data import to_model_images
+    u8, captions = fixed_set(key, n, size, seed, min_size)
+    return [(to_model_images(u8[i:i + batch]).to(device), *encode(captions[i:i + batch]))
+            for i in range(0, len(captions), batch)]
+
+
+def validation_loss(model, batches, cfg, bins=8, seed=0):
+    """The flow loss on fixed held-out batches [(x, text, mask)] at the centres of `bins` equal bins of t,
+    t = (k + 0.5) / bins, each image with the same noise at every call (drawn from `seed`): a curve that only
+    the weights move, any data set's learning curve (PRX logs the same). Draws nothing from the global RNG.
+    Returns a (bins,) tensor: the mean over the images at each t."""
+    import torch
+    from losses import flow_loss
+    total, n = torch.zeros(bins), 0
+    gen = torch.Generator(batches[0][0].device).manual_seed(seed)
+    with torch.no_grad():
+        for x, text, mask in batches:
+            noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
+            for k in range(bins):
+                t = torch.full((len(x),), (k + 0.5) / bins, device=x.device)
+                z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
+                x_pred = model(z, t, text, mask, route=False)[0]
+                total[k] += flow_loss(x_pred, x, z, t, cfg).float().cpu() * len(x)
+            n += len(x)
+    return total / n
+
+
+def validation_point(model, batches, cfg, bins, seed):
+    """train.py's validation-loss point: (log row, one printable line)."""
+    losses = validation_loss(model, batches, cfg, bins, seed).tolist()
+    by_t = {f't{(k + 0.5) / bins:.3g}': round(v, 5) for k, v in enumerate(losses)}
+    line = f'loss {sum(losses) / bins:.4g} | ' + ' '.join(f'{t} {v:.3g}' for t, v in by_t.items())
+    return {'val_loss': round(sum(losses) / bins, 5), 'val_loss_t': by_t}, line
 
 
 # ---- caption retrieval ----
@@ -107,7 +155,7 @@ def retrieval(images, captions, gallery_images, gallery_captions, ks=(1, 5), siz
 
 def load_gallery(keys, size):
     """(uint8 images, captions) of every readable sample of the data keys (folders or shards)."""
-    from data import FileSource, fixed_set
+    from data import FileSource
     images, captions = [], []
     for key in keys:
         u8, caps = fixed_set(key, len(FileSource(key, size)), size, 0)
@@ -194,7 +242,6 @@ if __name__ == '__main__':
         model, encode, cfg = load_model(out_dir, device, use_ema, shift, cfg_scale, sg_scale)
         cfg_scale, sg_scale = cfg['cfg_scale'], cfg['sg_scale']
         if prompts_from:   # real data's captions; named after their folder
-            from data import fixed_set
             prompts = [(c, None) for c in fixed_set(prompts_from, n, cfg['image_size'], seed)[1]]
             name = os.path.basename(os.path.normpath(prompts_from))
             eval_dir = os.path.join(run_dir(out_dir), f'eval_{name}')

@@ -13,15 +13,14 @@ from model import tread_draw
 
 
 def shift_t(t, shift):
-    """SD3's resolution shift toward noise, written on the noise level s = 1 - t:
-    s -> shift*s / (1 + (shift-1)*s)."""
+    """SD3's resolution shift toward noise, on the noise level s = 1 - t: s -> shift*s / (1 + (shift-1)*s)."""
     s = 1 - t
     return 1 - shift * s / (1 + (shift - 1) * s)
 
 
 def sample_t(n, gen, device, mean, std, shift, uniform):
-    """Logit-normal t (JiT: mean -0.8, std 0.8; the speedrun: mean 0, std 1, shift 3), then a `uniform`
-    fraction drawn uniformly instead so that no noise level is starved."""
+    """Logit-normal t (JiT: mean -0.8, std 0.8; the speedrun: 0, 1, shift 3), a `uniform` fraction of it drawn
+    uniformly instead so that no noise level is starved."""
     t = shift_t(torch.sigmoid(torch.randn(n, generator=gen, device=device) * std + mean), shift)
     if uniform > 0:
         u = torch.rand(n, generator=gen, device=device)
@@ -30,8 +29,7 @@ def sample_t(n, gen, device, mean, std, shift, uniform):
 
 
 def drop_captions(captions, p, gen):
-    """Classifier-free guidance training: a fraction p of captions become the empty caption
-    (10% in the speedrun)."""
+    """Classifier-free guidance training: a fraction p of captions become the empty caption."""
     drop = torch.rand(len(captions), generator=gen, device=gen.device) < p
     return ['' if d else c for c, d in zip(captions, drop.tolist())]
 
@@ -47,11 +45,9 @@ def edge_map(x):
 
 
 def pixel_mean(err, x, t, edge_weight):
-    """The mean of the per-pixel errors err (B, C, H, W), or with edge_weight > 0 their weighted mean, a pixel
-    at an edge of the clean image weighing up to 1 + edge_weight * t: an object's shape is its outline, 4% of
-    the shapes set's pixels, too small a part of the plain mean to draw small shapes (docs/experiments.md,
-    "Edges"). Times t: at pure noise an outline cannot be known, and a weight there would pull the prediction
-    (a weighted posterior mean) toward outlines everywhere."""
+    """The mean of the per-pixel errors err (B, C, H, W); with edge_weight > 0 a pixel at an edge of the clean
+    image weighs up to 1 + edge_weight * t (outlines are 4% of the shapes set's pixels). Times t: at pure
+    noise an outline cannot be known, and a weight there would pull the prediction toward outlines."""
     if edge_weight == 0:
         return err.mean()
     w = 1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x)
@@ -68,8 +64,7 @@ def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0):
 
 
 def x_loss(x_pred, x, t=None, edge_weight=0.0):
-    # the velocity loss times (1 - t)^2: every noise level weighs the same in x, so the nearly clean samples
-    # (weight up to 400 in v) no longer drown the high-noise ones, the only ones that must read the caption
+    # the velocity loss times (1 - t)^2: the nearly clean samples (up to 400 in v) weigh as the noisy ones
     return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight)
 
 
@@ -81,8 +76,7 @@ class LossConfig:
     t_shift: float = 3.0         # shift toward noise, also used by the sampler
     t_uniform: float = 0.1       # fraction of t drawn uniformly
     noise_scale: float = 1.0     # JiT: res / 256 at high resolution (the speedrun's t_shift does that job)
-    loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip);
-                                 # 'x': MSE on the clean image
+    loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip); 'x': MSE on x
     v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
     edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
     lpips_weight: float = 0.1
@@ -114,18 +108,15 @@ def flow_loss(x_pred, x, z, t, cfg):
 
 def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None,
                    dino_net=None, repa_teacher=None):
-    """One training loss on clean images x in [-1, 1]. cfg: a LossConfig. gen: the torch.Generator that draws
-    t, the noise and TREAD's route (seeded per micro-batch, so any split over processes sees the same draws).
-    patch_size: the model's, for REPA's token grid and TREAD's draw (tread: routing on).
-    Returns (total loss, dict of the detached parts)."""
+    """One training loss on clean images x in [-1, 1]; cfg: a LossConfig; gen draws t, the noise and TREAD's
+    route (tread: on; patch_size: the model's). Returns (total loss, dict of the detached parts)."""
     B = x.shape[0]
     t = sample_t(B, gen, x.device, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
     # JiT: noise std grows with resolution (res / 256) so big images are not too easy to denoise
     noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
     tb = t.view(-1, 1, 1, 1)
     z = tb * x + (1 - tb) * noise
-    # TREAD's draw comes from the same generator, after t and the noise
-    # (when off, the streams stay as they are)
+    # TREAD's draw comes after t and the noise: when off, the streams stay as they are
     route = tread_draw(gen, B, (x.shape[-2] // patch_size) * (x.shape[-1] // patch_size)) if tread else None
     x_pred, repa = model(z, t, text, text_mask, route=route)
     loss = flow_loss(x_pred, x, z, t, cfg)
@@ -144,27 +135,7 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
     return loss, parts
 
 
-@torch.no_grad()
-def validation_loss(model, batches, cfg, bins=8, seed=0):
-    """The flow loss on fixed held-out batches [(x, text, mask)] at the centres of `bins` equal bins of t,
-    t = (k + 0.5) / bins, each image with the same noise at every call (drawn from `seed`): a curve that only
-    the weights move, any data set's learning curve (PRX logs the same). Draws nothing from the global RNG.
-    Returns a (bins,) tensor: the mean over the images at each t."""
-    total, n = torch.zeros(bins), 0
-    gen = torch.Generator(batches[0][0].device).manual_seed(seed)
-    for x, text, mask in batches:
-        noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
-        for k in range(bins):
-            t = torch.full((len(x),), (k + 0.5) / bins, device=x.device)
-            z = t.view(-1, 1, 1, 1) * x + (1 - t.view(-1, 1, 1, 1)) * noise
-            x_pred = model(z, t, text, mask, route=False)[0]
-            total[k] += flow_loss(x_pred, x, z, t, cfg).float().cpu() * len(x)
-        n += len(x)
-    return total / n
-
-
-# ---- perceptual losses and REPA ----
-# timm and lpips are imported inside the loaders: a run with these losses off never needs them.
+# ---- perceptual losses and REPA (the loaders import timm and lpips: only a run with them needs them) ----
 
 def _imagenet(x):
     """[-1, 1] images -> ImageNet mean/std normalisation, which DINOv2 and DINOv3 were trained with."""
@@ -174,8 +145,7 @@ def _imagenet(x):
 
 
 def _patch_tokens(net, x, size):
-    """A timm ViT's patch features (B, h*w, D) of x in [-1, 1] resized to size,
-    CLS and register tokens dropped."""
+    """A timm ViT's patch features (B, h*w, D) of x in [-1, 1] resized to size, CLS and registers dropped."""
     x = F.interpolate(x, size=size, mode='bilinear', antialias=True)
     return net.forward_features(_imagenet(x))[:, net.num_prefix_tokens:]
 
@@ -185,8 +155,7 @@ def _frozen(net):
 
 
 def load_lpips(pretrained=True):
-    """LPIPS with the VGG trunk. Its linear layers ship inside the lpips package; pretrained=False only skips
-    the trunk's ImageNet weights (torchvision downloads those), which tests use to stay offline."""
+    """LPIPS with the VGG trunk; pretrained=False skips the trunk's ImageNet weights (tests stay offline)."""
     import lpips
     return _frozen(lpips.LPIPS(net='vgg', pnet_rand=not pretrained, verbose=False))
 
@@ -197,8 +166,7 @@ def lpips_loss(net, pred, target):
 
 
 def load_dino(name='vit_base_patch14_reg4_dinov2', pretrained=True, **kwargs):
-    """The DINOv2 perceptual net. timm builds DINOv2 at 518px; img_size=224 resamples its position embedding
-    to the 224px the speedrun feeds it. kwargs reach timm.create_model (tests pass tiny dims)."""
+    """The DINOv2 perceptual net at the speedrun's 224px (timm's is 518px); kwargs reach timm.create_model."""
     import timm
     kwargs.setdefault('img_size', 224)
     return _frozen(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
@@ -213,17 +181,15 @@ def dino_loss(net, pred, target):
 
 
 def load_repa_teacher(name='vit_large_patch16_dinov3', pretrained=True, **kwargs):
-    """The REPA teacher, any timm ViT. dynamic_img_size=True because its input size follows the training
-    resolution (256px at 512px with patch 32); timm's DINOv3 already defaults to it, DINOv2 does not."""
+    """The REPA teacher, any timm ViT, its input size following the training resolution (dynamic_img_size)."""
     import timm
     kwargs.setdefault('dynamic_img_size', True)
     return _frozen(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
 
 
 def repa_loss(teacher, repa, x, patch_size):
-    """REPA (Yu et al. 2024): -mean cosine between the model's projected tokens and the teacher's patch
-    features of the clean image x. repa = (proj (B, n, D), keep): keep is None (all h*w tokens, raster order)
-    or the (B, n) raster indices of the tokens TREAD kept, where the teacher's features are gathered."""
+    """REPA (Yu et al. 2024): -mean cosine between the projected tokens and the teacher's patch features of x.
+    repa = (proj (B, n, D), keep): keep is None (all tokens) or the (B, n) indices TREAD kept."""
     proj, keep = repa
     H, W = x.shape[-2:]
     h, w = H // patch_size, W // patch_size

@@ -7,9 +7,7 @@ The denoiser: a pixel-space diffusion transformer that predicts the clean image 
     head:   adaLN shift/scale, zero-initialised linear to patch pixels, folded back to an image
 
 Positions are a fixed sin-cos embedding of image fractions plus RoPE, both computed for the grid at hand, so
-any square resolution that is a multiple of the patch size runs with the same weights (the speedrun goes
-512px -> 1024px without resizing anything).
-TREAD routing and the REPA tap are the two marked spots in DiT.forward.
+any multiple of the patch size runs with the same weights (the speedrun goes 512px -> 1024px).
 """
 import math
 from dataclasses import dataclass
@@ -67,6 +65,11 @@ class DiTConfig:
         if errors:
             raise ValueError('\n'.join(errors))
 
+    @classmethod
+    def from_config(cls, config, **widths):
+        """From train.py's keys of these names, and the widths the text encoder and REPA's teacher bring."""
+        return cls(**{**{k: config[k] for k in cls.__dataclass_fields__ if k in config}, **widths})
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, affine=True):
@@ -84,9 +87,8 @@ def modulate(x, shift, scale):
 
 
 def rope_2d(h, w, head_dim, device, base=100.0):
-    """cos/sin tables (h*w, head_dim) for 2D RoPE: half of each head rotates with the row, half with the
-    column. base 100 rather than 10000: token grids here are 8 to 32 wide, so slow frequencies would never
-    turn."""
+    """cos/sin tables (h*w, head_dim) for 2D RoPE, half of each head by row, half by column; base 100, not
+    10000: grids of 8 to 32 tokens would never turn the slow frequencies."""
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
@@ -96,10 +98,8 @@ def rope_2d(h, w, head_dim, device, base=100.0):
 
 
 def sincos_2d(h, w, dim, device, grid=16):
-    """Fixed 2D sin-cos position embedding (JiT adds one too). RoPE alone only tells tokens where they are
-    relative to each other, and text tokens have no position at all, so "in the top left" needs this absolute
-    one. Coordinates are fractions of the image times `grid`, so a layout keeps its meaning when the
-    resolution changes."""
+    """Fixed 2D sin-cos position embedding (JiT): RoPE is only relative, and "in the top left" needs an
+    absolute place. Coordinates are image fractions times `grid`: a layout keeps its meaning at any size."""
     quarter = dim // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     ys = ((torch.arange(h, device=device) + 0.5) / h * grid).repeat_interleave(w)
@@ -133,9 +133,8 @@ class Block(nn.Module):
         self.ada = nn.Linear(d, 6 * d)
 
     def forward(self, x, c, txt, mask, cos, sin):
-        """x: image tokens (B, N, D); c: conditioning (B, D); txt: text states (B, L, D);
-        mask: (B, 1, 1, L + N) bool; cos, sin: RoPE tables (N, hd) or, for routed tokens, (B, 1, N, hd).
-        Returns the new image tokens (B, N, D)."""
+        """x: image tokens (B, N, D); c: conditioning (B, D); txt: text states (B, L, D); mask: (B, 1, 1,
+        L + N) bool; cos, sin: RoPE tables (N, hd), or (B, 1, N, hd) routed. Returns the new x (B, N, D)."""
         B, N, D = x.shape
         nh = self.n_head
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).chunk(6, dim=1)   # each (B, D)
@@ -155,10 +154,8 @@ class Block(nn.Module):
 
 
 class ByteTextEncoder(nn.Module):
-    """Byte tokens -> a small transformer, trained with the model. Needs no download: the default. The bytes
-    of each word (split at spaces) are embedded with their place in the word and summed into one token, then
-    get their word's place in the sentence: a caption becomes ~16 word tokens, not ~80 byte tokens, 5x fewer
-    keys to attend to, which a 4-block model reads at once (docs/experiments.md)."""
+    """Byte tokens -> word tokens, trained with the model (no download: the default): each word's bytes, with
+    their place in the word, summed into one token: ~16 keys a caption, not ~80, for a 4-block model."""
 
     def __init__(self, dim, max_len, n_layer, max_words=32, window=0):
         super().__init__()
@@ -168,7 +165,6 @@ class ByteTextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, activation='gelu',
                                            batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False) if n_layer else None
-        # a convolution over the word tokens, zero-initialised so it starts as the identity (see forward)
         self.window = nn.Conv1d(dim, dim, window, padding=window // 2) if window else None
         if self.window is not None:
             nn.init.zeros_(self.window.weight)
@@ -183,23 +179,15 @@ class ByteTextEncoder(nn.Module):
         word = starts.cumsum(1).clamp(max=W - 1)                            # BOS joins the first word
         idx = torch.arange(L, device=ids.device).expand(B, L)
         start_at = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-        # a byte is bound to its place in the word by a product, not a sum: with a sum every word of one
-        # length shares one sum of place vectors, so 'circle' and 'square' would be nearly the same token
+        # byte times place, not plus: with a sum, 'circle' and 'square' would share one sum of place vectors
         x = self.embed(ids) * self.char_pos(idx - start_at) * mask[..., None]
         w = torch.zeros(B, W, x.shape[-1], device=x.device, dtype=x.dtype)
         w = w.scatter_add_(1, word[..., None].expand_as(x), x)                  # (B, W, dim) summed per word
         n = torch.zeros(B, W, device=x.device).scatter_add_(1, word, mask.float())
-        # sum / sqrt(bytes), not the mean: a word's content weighs as much as its place (word_pos) whatever
-        # its length ('circle' and 'square' in one slot: cosine 0.60 at init; 0.93 with a mean)
+        # sum / sqrt(bytes), not the mean: 'circle' and 'square' in one slot at cosine 0.60 at init, not 0.93
         x = w / n.clamp(min=1).sqrt()[..., None] + self.word_pos.weight
-        # all max_words slots stay, unused ones masked: one shape for every batch, so a compiled step never
-        # recompiles; masked keys change no output
-        word_mask = n > 0
-        if self.window is not None:
-            # binding: in "a small red circle to the left of a large blue square" the token of "circle" gains
-            # "small red" and that of "square" "large blue", so an image token that z_t shows red finds its
-            # shape by one attention lookup on colour; with separate words it must find "red" and then the
-            # word after it
+        word_mask = n > 0   # every max_words slot stays, unused ones masked: one shape, no recompiles
+        if self.window is not None:   # binds "small red" into "circle": one lookup by colour
             x = x + self.window((x * word_mask[..., None]).transpose(1, 2)).transpose(1, 2)
         if self.layers is not None:
             x = self.layers(x, src_key_padding_mask=~word_mask)
@@ -211,16 +199,13 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, p = cfg.n_embd, cfg.patch_size
-        assert cfg.pred in ('x', 'v', 'skip'), f"pred must be 'x', 'v' or 'skip', got {cfg.pred!r}"
         self.patch_in = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck, bias=False),
                                       nn.Linear(cfg.bottleneck, d))
         self.text_encoder = ByteTextEncoder(cfg.text_dim, cfg.text_len, cfg.text_layers,
                                             window=cfg.text_window) if cfg.text_encoder == 'bytes' else None
         self.text_proj = nn.Linear(cfg.text_dim, d)   # the one linear from the text encoder into the model
         self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
-        # the pooled caption joins the timestep in every block's modulation, as DiT's class embedding and
-        # SD3's pooled CLIP vector do: each token then knows the whole caption from the first block on, not
-        # only through attention
+        # the pooled caption joins the timestep in adaLN, as SD3's pooled CLIP vector
         self.text_pool = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d)) if cfg.text_pool else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_out = RMSNorm(d, affine=False)
@@ -245,10 +230,8 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def optimizer_split(self, optimizer, muon_adaln):
-        """(AdamW's parameter names, Muon's), in the order their optimizers hold them. With optimizer='muon',
-        Muon takes the blocks' 2D matrices (muon_adaln=False: all but the adaLN ones) and AdamW the rest
-        (embeddings, head, norms, biases, the REPA projector), as the speedrun splits them; checkpoint.py maps
-        optimizer state by it."""
+        """(AdamW's parameter names, Muon's), in their optimizers' order: Muon takes the blocks' 2D matrices
+        (muon_adaln=False: not the adaLN ones), AdamW the rest; checkpoint.py maps optimizer state by it."""
         to_muon = [n for n, p in self.named_parameters() if optimizer == 'muon' and n.startswith('blocks.')
                    and p.ndim == 2 and (muon_adaln or '.ada.' not in n)]
         return [n for n, _ in self.named_parameters() if n not in to_muon], to_muon
@@ -257,13 +240,8 @@ class DiT(nn.Module):
                              weight_decay=0.0, muon_lr=1e-4, muon_momentum=0.95, muon_weight_decay=0.0,
                              muon_adjust_lr='match_rms_adamw', muon_ns_steps=5, muon_adaln=True,
                              muon_ns_dtype='default', fused=True):
-        """[AdamW] for everything, or with optimizer='muon' [AdamW, Muon] (optimizer_split). Each argument but
-        fused is a train.py key, its default the speedrun's. learning_rate, betas, eps, weight_decay: AdamW's.
-        muon_lr: Muon's, its update scaled to AdamW's RMS (muon_adjust_lr) so comparable with learning_rate;
-        muon_ns_steps, muon_ns_dtype: its Newton-Schulz steps per update and their dtype (muon.Muon);
-        muon_adaln: the blocks' adaLN matrices on Muon too. fused: AdamW's one-kernel step, faster on a GPU
-        and a CPU (BENCHMARKS.md), and it skips a non-finite step on the device (found_inf), as train.py
-        needs."""
+        """[AdamW], or [AdamW, Muon] with optimizer='muon' (optimizer_split); each argument but fused is a
+        train.py key at the speedrun's value. fused: one kernel, and it skips on the device (found_inf)."""
         params = dict(self.named_parameters())
         adam, muon = self.optimizer_split(optimizer, muon_adaln)
         opts = [torch.optim.AdamW([params[n] for n in adam], lr=learning_rate, betas=betas, eps=eps,
@@ -282,25 +260,22 @@ class DiT(nn.Module):
         if self.text_encoder is not None:
             text, text_mask = self.text_encoder(text, text_mask)   # bytes -> word tokens and their mask
         txt = self.text_proj(text)                                                    # (B, L, D)
-        # t * 1000: DiT's sinusoidal embedding was made for integer steps 0..1000; its frequencies assume that
-        # range
-        c = self.t_embed(timestep_embedding(t * 1000, 256))                           # (B, D)
+        c = self.t_embed(timestep_embedding(t * 1000, 256))   # (B, D); DiT's frequencies assume steps 0..1000
         if self.text_pool is not None:
             m = text_mask[..., None].to(txt.dtype)
             c = c + self.text_pool((txt * m).sum(1) / m.sum(1).clamp_min(1))          # (B, D)
         return txt, text_mask, c
 
     def forward(self, z, t, text, text_mask, route=None):
-        """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) for the bytes encoder,
-        else frozen encoder states (B,L,text_dim); text_mask: (B,L) bool, True = real token. route: TREAD
-        on/off (default: on in training), or its draw (tread_draw). Returns (x_pred (B,3,H,W), repa): repa is
-        None or (projected tokens (B,n,repa_dim), their token indices (B,n) or None for all tokens)."""
+        """z: noisy images (B,3,H,W); t: (B,) in [0,1], 1 = clean; text: byte ids (B,L) or frozen states
+        (B,L,text_dim); text_mask: (B,L) bool. route: TREAD on/off (default: on in training) or its draw
+        (tread_draw). Returns (x_pred (B,3,H,W), repa: None or (projected tokens (B,n,repa_dim), indices or
+        None for all))."""
         B, _, H, W = z.shape
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {p}')
-        # the token grid, N = gh*gw
-        gh, gw = H // p, W // p
+        gh, gw = H // p, W // p   # the token grid, N = gh*gw
         # (B, 3*p*p, N) patches -> (B, N, 3*p*p), raster order -> bottleneck -> (B, N, D)
         x = self.patch_in(F.unfold(z, p, stride=p).transpose(1, 2))
         x = x + sincos_2d(gh, gw, self.cfg.n_embd, z.device)
@@ -316,8 +291,7 @@ class DiT(nn.Module):
             if in_route and i == self.route.start:
                 x_all, x = x, tread_gather(x, keep)
             x = block(x, c, txt, *(routed if in_route else dense))
-            if self.repa_proj is not None and i + 1 == self.cfg.repa_block:
-                # REPA: in the route, the kept tokens only
+            if self.repa_proj is not None and i + 1 == self.cfg.repa_block:   # REPA; routed: kept tokens
                 repa = (self.repa_proj(x), keep if in_route else None)
             if in_route and i == self.route.stop - 1:
                 x = tread_scatter(x_all, x, keep)
@@ -327,23 +301,18 @@ class DiT(nn.Module):
 
     def output(self, out, z, t):
         """The clean image from the head's output, by pred."""
-        if self.cfg.pred == 'v':
-            # the usual velocity prediction, turned into the clean image it implies (z_t = t x + (1-t) noise,
-            # so x = z_t + (1-t) v): the loss and the sampler stay the same. JiT: predicting x is what works
-            # in pixels
+        if self.cfg.pred == 'v':   # the clean image a velocity implies: x = z_t + (1-t) v
             return z + (1 - t).view(-1, 1, 1, 1) * out
         if self.cfg.pred == 'skip':
             return skip_x(z, t, out)
         return out
 
-    # ---- TREAD (Krause et al. 2025): per sample, a random subset of image tokens skips
-    # blocks[route_start:route_end]
-    # unchanged; the kept ones carry their own RoPE positions through the route (forward) ----
+    # ---- TREAD (Krause et al. 2025): a random subset of each sample's image tokens skips
+    # blocks[route_start:route_end]; the kept ones carry their own RoPE positions through the route ----
 
     def tread_keep(self, route, B, N, device):
-        """The indices (B, n_keep) of the tokens that go through the route, or None when routing is off.
-        route: None (on in training), a bool, or a (B, N) draw of uniform scores (tread_draw); True draws from
-        the global RNG."""
+        """The indices (B, n_keep) of the tokens that go through the route, or None when off. route: None (on
+        in training), a bool (True draws from the global RNG), or a (B, N) draw of scores (tread_draw)."""
         scores, on = (route, True) if isinstance(route, torch.Tensor) else (None, route)
         if not (self.training if on is None else on) or self.cfg.route_ratio == 0:
             return None
@@ -352,9 +321,8 @@ class DiT(nn.Module):
 
 
 def tread_draw(gen, batch, n_tokens):
-    """TREAD's route for a training batch: (B, N) uniform scores from gen, the per-micro-batch generator, so
-    that any split over processes routes the same tokens. Drawn outside the compiled model: compiled, a draw
-    from a torch.Generator gives other numbers than eager."""
+    """TREAD's route for a training batch: (B, N) uniform scores from the micro-batch's generator, outside the
+    compiled model (compiled, a torch.Generator draws other numbers than eager)."""
     return torch.rand(batch, n_tokens, generator=gen, device=gen.device)
 
 
@@ -364,8 +332,7 @@ def tread_gather(x, keep):
 
 
 def tread_scatter(x_all, x, keep):
-    """The routed tokens x (B, n_keep, D) put back in their places of x_all (B, N, D); the others come through
-    untouched."""
+    """The routed tokens x (B, n_keep, D) put back in their places of x_all (B, N, D)."""
     return x_all.scatter(1, keep[..., None].expand(-1, -1, x.shape[2]), x)
 
 
@@ -380,21 +347,16 @@ SKIP_SIGMA = 0.1  # the noise level (noise std / signal) below which z itself is
 
 
 def skip_x(z, t, out):
-    """The clean image as a * z + (1 - a t) * out: EDM's skip connection (Karras et al. 2022, c_skip of table
-    1 with sigma = (1 - t) / t the noise of z / t, times t) with sigma_data = SKIP_SIGMA, and out aimed at the
-    clean image itself as in x-prediction. At t = 0 (pure noise) a = 0: plain x-prediction (JiT). Towards t =
-    1 a -> 1: z is the answer and the network adds a correction, so it need not carry every pixel through the
-    bottleneck and 128 channels to keep an edge sharp. The noise that a * z lets through, a (1 - t), peaks at
-    0.05 (t ~ 0.9): the network cannot cancel noise (JiT), so sigma_data must be small; EDM's 0.5 would let
-    0.2 through at t = 0.5."""
+    """The clean image a z + (1 - a t) out: EDM's skip (Karras et al. 2022, table 1's c_skip, sigma = (1-t)/t)
+    with sigma_data = SKIP_SIGMA: x-prediction at t = 0, z plus a correction near t = 1. The noise a z lets
+    through peaks at 0.05 (t ~ 0.9), which the network cannot cancel (JiT); EDM's 0.5 would pass 0.2."""
     t = t.view(-1, 1, 1, 1).to(z.dtype)
     a = SKIP_SIGMA ** 2 * t / ((1 - t) ** 2 + SKIP_SIGMA ** 2 * t ** 2)
     return a * z + (1 - a * t) * out
 
 
 def attn_mask(text_mask, n_image):
-    """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked, all image tokens
-    seen."""
+    """(B, 1, 1, L_text + n_image) bool for the [text; image] keys: text padding masked."""
     return torch.cat([text_mask, text_mask.new_ones(text_mask.shape[0], n_image)], dim=1)[:, None, None]
 
 

@@ -1,36 +1,18 @@
 """
-Muon: MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024,
-https://kellerjordan.github.io/posts/muon/), for the 2D weight matrices of the
-blocks. Everything else (embeddings, head, norms, biases) belongs to Adam.
+Muon: MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024, kellerjordan.github.io/posts/muon), for
+the blocks' 2D weight matrices; everything else belongs to Adam. Per matrix and step:
 
-Per matrix and step:
   buf    = lerp(buf, grad, 1 - momentum)             EMA of the gradient
   update = lerp(grad, buf, momentum) if nesterov      else buf
-  O      = NewtonSchulz5(update)                      ~ U V^T of update = U S V^T
-  p      = p * (1 - lr * weight_decay)                decoupled weight decay
-  p      = p - lr * scale * O
-Orthogonalising the update equalises its singular values, so rare directions get
-as much step as dominant ones. scale is 0.2 * sqrt(max(rows, cols)) by default,
-which gives the update the RMS (~0.2) of an AdamW update, so Muon can reuse an
-AdamW learning rate (Moonlight: "Muon is Scalable for LLM Training", Liu et al.
-2025, arXiv:2502.16982); 'original' is Jordan's sqrt(max(1, rows/cols)).
-The step matches torch.optim.Muon(..., adjust_lr_fn="match_rms_adamw") to
-bfloat16 precision (tests/test_muon.py checks it).
+  O      = NewtonSchulz5(update)                      ~ U V^T of update = U S V^T: equal singular values
+  p      = p * (1 - lr * weight_decay) - lr * scale * O
 
-The speedrun (docs/recipe.md): lr 1e-4, momentum 0.95, nesterov, 5 Newton-Schulz steps.
-
-Batched: the matrices of one shape are stacked and orthogonalised together, one
-batched matmul per Newton-Schulz product (the speedrun's 168 matrices come in 5
-shapes): a GPU runs a few large kernels instead of hundreds of small ones.
-
-Distributed: with torch.distributed initialised, the matrices of each shape are
-split into world_size contiguous shares, each rank orthogonalises its share as one
-batch and an all_gather per shape gives every rank all results, so Newton-Schulz
-work is split world_size ways while every rank ends with the same parameters.
-Gradients must already be identical on every rank (DDP all-reduces them), so each
-rank keeps all momentum buffers and the state dict is an ordinary Optimizer one.
+scale = 0.2 sqrt(max(rows, cols)) gives the update AdamW's RMS, so Muon reuses an AdamW learning rate
+(Moonlight, Liu et al. 2025, arXiv:2502.16982; 'original': Jordan's sqrt(max(1, rows/cols))); the step matches
+torch.optim.Muon(adjust_lr_fn="match_rms_adamw") to bfloat16 precision (tests/test_muon.py).
+Matrices of one shape are orthogonalised as one batch; with torch.distributed each rank does 1/world of them
+and an all_gather shares the results (gradients are already equal on every rank: DDP all-reduced them).
 """
-
 import collections
 import math
 import time
@@ -40,22 +22,17 @@ import torch.distributed as dist
 
 
 NS_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
-
-
 NS_DTYPE_CHOICES = ('default', 'auto', *NS_DTYPES)
 
 
 def ns_dtype(device):
-    """'default': bfloat16 on a GPU, stable enough here and twice as fast (Jordan 2024); on a CPU it depends
-    on the CPU (fastest_ns_dtype), so float32 unless Muon is told or times it."""
+    """'default': bfloat16 on a GPU, twice as fast and stable enough (Jordan 2024); float32 on a CPU."""
     return 'bfloat16' if device.type == 'cuda' else 'float32'
 
 
 def fastest_ns_dtype(shapes, steps, device, reps=5):
-    """'float32' or 'bfloat16', whichever runs Newton-Schulz faster here on stacks of these
-    (count, rows, cols). A GPU is always bfloat16. A CPU differs by model (0.6x the time in bfloat16 with
-    AVX-512 bf16 instructions, slower without them: BENCHMARKS.md), so it is timed: a warm-up and the best of
-    `reps` runs each, about a second."""
+    """'float32' or 'bfloat16', whichever runs Newton-Schulz faster on stacks of these (count, rows, cols): a
+    CPU is timed, about a second (bfloat16 takes 0.6x with AVX-512 bf16, longer without: BENCHMARKS.md)."""
     if device.type == 'cuda':
         return 'bfloat16'
     stacks = [torch.randn(*s, device=device) for s in shapes]
@@ -72,12 +49,9 @@ def fastest_ns_dtype(shapes, steps, device, reps=5):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
-    """G: a matrix (m, n) or a stack of same-shape matrices (k, m, n), each orthogonalised on its own.
-    Muon.step stacks them: the 24 blocks' 168 matrices come in 5 shapes, so 5 batched matmuls a step replace
-    168 small ones. dtype: of the iteration (default: ns_dtype(device)'s); the result comes back in it."""
-    # Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients
-    # maximise the slope at 0, so 5 steps push all singular values into roughly
-    # [0.7, 1.2] rather than exactly 1, which does not hurt training.
+    """G: a matrix (m, n) or a stack (k, m, n), each orthogonalised on its own (the speedrun's 168 matrices
+    come in 5 shapes: 5 batched matmuls); dtype: the iteration's and the result's (default: ns_dtype's)."""
+    # X <- aX + b(XX^T)X + c(XX^T)^2 X; Jordan's coefficients: singular values in ~[0.7, 1.2] after 5 steps
     assert G.ndim in (2, 3), f"Newton-Schulz needs a matrix or a stack of them, got shape {tuple(G.shape)}"
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype or NS_DTYPES[ns_dtype(G.device)]).reshape(-1, *G.shape[-2:])  # (k, m, n)
@@ -99,9 +73,8 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7, dtype=None):
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.95, nesterov=True, ns_steps=5,
                  weight_decay=0.0, adjust_lr='match_rms_adamw', ns_dtype='default'):
-        """ns_dtype: the Newton-Schulz iteration's dtype, 'default' (bfloat16 on a GPU, float32 on a CPU),
-        'auto' (fastest_ns_dtype, timed on these parameters' shapes), 'float32' or 'bfloat16'. The choice is
-        saved with the state dict, so a resumed run, on any machine, keeps it."""
+        """ns_dtype: Newton-Schulz's dtype, 'default' (ns_dtype), 'auto' (fastest_ns_dtype on these shapes),
+        'float32' or 'bfloat16'; kept in the state dict, so a resumed run keeps it on any machine."""
         if ns_dtype not in NS_DTYPE_CHOICES:
             raise ValueError(f'ns_dtype must be one of {NS_DTYPE_CHOICES}, got {ns_dtype!r}')
         if adjust_lr not in ('match_rms_adamw', 'original'):
@@ -114,14 +87,10 @@ class Muon(torch.optim.Optimizer):
             counts = collections.Counter(tuple(p.shape) for p in ps)
             ns_dtype = fastest_ns_dtype([(k, *s) for s, k in counts.items()], ns_steps, ps[0].device)
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            if distributed and ps[0].device.type != 'cuda':
-                # every rank must gather its share in one dtype: rank 0's timing decides for all
-                # (a CPU tensor: gloo)
+            if distributed and ps[0].device.type != 'cuda':   # rank 0's timing decides for all (gloo)
                 bf16 = torch.tensor([int(ns_dtype == 'bfloat16')])
                 dist.broadcast(bf16, 0)
                 ns_dtype = 'bfloat16' if bf16.item() else 'float32'
-        # the choice lives in the param groups, so the state dict keeps it:
-        # a resumed run goes on in the same dtype
         for g in self.param_groups:
             g['ns_dtype'] = ns_dtype if ns_dtype in NS_DTYPES else None   # None: ns_dtype(device)
 
@@ -145,9 +114,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # found_inf (torch's GradScaler protocol, as fused AdamW reads it): a tensor, nonzero to skip this
-        # step on the device, weights and momentum untouched; train.py sets it so that no step waits on a
-        # host sync
+        # found_inf (GradScaler's protocol, as fused AdamW): nonzero skips the step on the device, no sync
         found_inf = getattr(self, 'found_inf', None)
         ok = None if found_inf is None else found_inf == 0
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -173,13 +140,10 @@ class Muon(torch.optim.Optimizer):
                 mine = list(zip(grads, bufs))[rank * per:(rank + 1) * per]
                 updates = [g.lerp(buf, momentum) if group['nesterov'] else buf for g, buf in mine]
                 G = torch.stack(updates) if updates else ps[0].new_zeros(0, *shape)
-                # None (also in checkpoints from before): the device's dtype
-                dtype = NS_DTYPES.get(group.get('ns_dtype'))
-                # ortho: (len(updates), *shape)
+                dtype = NS_DTYPES.get(group.get('ns_dtype'))   # None: ns_dtype(device)'s
                 ortho = zeropower_via_newtonschulz5(G, group['ns_steps'], dtype=dtype)
                 if distributed:
-                    # all_gather needs equal sizes: every rank sends `per` matrices,
-                    # the last rank's zero-padded
+                    # all_gather needs equal sizes: every rank sends `per` matrices, the last zero-padded
                     flat = torch.zeros(per, *shape, dtype=ortho.dtype, device=ortho.device)
                     flat[:len(ortho)] = ortho
                     gathered = [torch.empty_like(flat) for _ in range(world)]

@@ -37,10 +37,8 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 
 
 def guide(dense, uncond, routed, cfg_scale, sg_scale):
-    """Guidance around the dense conditional prediction:
-    dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed). cfg alone is uncond + w (cond - uncond); sg
-    alone is the speedrun's self-guidance routed + w (dense - routed), both passes on the real prompt, the
-    routed one with the training routing (TREAD weakens plain CFG)."""
+    """dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed): CFG alone is uncond + w (cond - uncond), the
+    speedrun's self-guidance alone routed + w (dense - routed), both on the prompt (TREAD weakens CFG)."""
     out = dense
     if cfg_scale != 1:
         out = out + (cfg_scale - 1) * (dense - uncond)
@@ -52,16 +50,13 @@ def guide(dense, uncond, routed, cfg_scale, sg_scale):
 @torch.no_grad()
 def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen,
              progress=False, start=None, from_t=0.0):
-    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step. With
-    start (B,3,H,W) clean images and from_t > 0: from those images noised to t = from_t instead
-    (eval.py's from_t)."""
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step; with
+    start (B,3,H,W) clean images and from_t > 0, from those images noised to t = from_t (eval.py's)."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
     text, mask = encode(list(captions) + [''] * B if cfg_scale != 1 else list(captions))
     p = model.cfg.patch_size
-    if size % p:
-        raise ValueError(f'image_size {size} is not a multiple of the patch size {p}')
     z = torch.randn(B, 3, size, size, generator=gen, device=device) * noise_scale
     if start is not None:
         z = from_t * start.to(device) + (1 - from_t) * z
@@ -122,8 +117,7 @@ def read_prompts(path):
 
 
 def run_dir(source):
-    """The folder where outputs of a model source go:
-    the run folder itself, or the folder of a .safetensors file."""
+    """Where a model source's outputs go: the run folder itself, or a .safetensors file's folder."""
     return os.path.dirname(source) if source.endswith('.safetensors') else source
 
 
@@ -160,8 +154,8 @@ def load_model(source, device, use_ema=True, shift=0.0, cfg_scale=0.0, sg_scale=
 
 def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size,
                   seed, device, dtype, starts=None, from_t=0.0):
-    """Generate one image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png); with
-    starts (N,3,H,W) and from_t, each from its start image noised to from_t (generate)."""
+    """One image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png); with starts
+    (N,3,H,W) and from_t, each from its start image noised to from_t (generate)."""
     os.makedirs(samples_dir, exist_ok=True)
     ptdtype = getattr(torch, dtype)  # 'float32', 'bfloat16' or 'float16'
     gen = torch.Generator(device).manual_seed(seed)

@@ -11,17 +11,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-# Both turn a list of captions into (text, mask): mask (B, L) bool, True = real token.
-# 'bytes' returns byte ids, embedded by the small trainable ByteTextEncoder that lives inside the model
-# (model.py, so DDP and the optimizer see it); a Hugging Face name returns frozen hidden states.
-
 BOS = 256  # every byte caption starts with it, so even the empty caption has one real token to attend to
 
 
 def tokenize_bytes(captions, max_len):
-    """BOS + UTF-8 bytes, cut at max_len and padded to max_len: one shape for every batch, so a compiled model
-    never recompiles as captions change length (the byte encoder pools bytes into word tokens: padding adds no
-    keys)."""
+    """BOS + UTF-8 bytes, cut and padded to max_len: one shape for every batch, so a compiled model never
+    recompiles (the byte encoder pools bytes into word tokens: padding adds no keys)."""
     rows = [[BOS] + list(c.encode('utf-8'))[:max_len - 1] for c in captions]
     ids = torch.zeros(len(rows), max_len, dtype=torch.long)
     mask = torch.zeros(len(rows), max_len, dtype=torch.bool)
@@ -32,18 +27,15 @@ def tokenize_bytes(captions, max_len):
 
 
 def to_device(t, device):
-    """A host tensor on `device`; on a GPU pinned and non-blocking:
-    a copy from pageable memory waits for the GPU."""
+    """A host tensor on `device`; on a GPU pinned and non-blocking (a copy from pageable memory waits)."""
     if torch.device(device).type != 'cuda':
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
 class HFTextEncoder(nn.Module):
-    """Any Hugging Face text encoder by hub name or local folder, frozen, with its padding mask: the encoder
-    of an encoder-decoder model (the speedrun: T5Gemma's, 256 tokens) or a whole encoder-only one (BERT,
-    MiniLM).
-    `model`/`tokenizer` objects may be passed instead of loading (tests build tiny random ones)."""
+    """A frozen Hugging Face text encoder by hub name or folder, with its padding mask: an encoder-decoder's
+    encoder (the speedrun: T5Gemma's) or a whole encoder-only model (BERT); tests pass model and tokenizer."""
 
     def __init__(self, name, max_len, device='cpu', dtype=torch.float32, model=None, tokenizer=None):
         super().__init__()
@@ -51,8 +43,7 @@ class HFTextEncoder(nn.Module):
         self.max_len = max_len
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
         model = model if model is not None else AutoModel.from_pretrained(name, dtype=dtype)
-        # an encoder-decoder model (T5, T5Gemma) gives its encoder; an encoder-only one (BERT) stays whole: its
-        # get_encoder() is the bare layer stack, without the embeddings
+        # an encoder-only model stays whole: its get_encoder() is the bare layer stack, without the embeddings
         encoder_decoder = getattr(model, 'decoder', None) is not None
         self.encoder = (model.get_encoder() if encoder_decoder else model).to(device, dtype)
         self.encoder.requires_grad_(False).eval()
@@ -91,20 +82,16 @@ def load_text_encoder(name, max_len, device='cpu', dtype=torch.float32, pretrain
     read from cache_text.py's `cache` folder where it exists."""
     if name == 'bytes':
         return lambda captions: tuple(to_device(a, device) for a in tokenize_bytes(captions, max_len))
-    if cache and not os.path.isfile(os.path.join(cache, 'meta.json')):
-        return [f'text_cache={cache!r} holds no cache (no meta.json): write it first, python cache_text.py '
-                f'<config> --text_cache={cache}, or set text_cache=\'\' to encode every caption on the fly '
-                '(about 1.3x the denoiser\'s work at the speedrun\'s size)']
+    if cache and (errors := cache_errors(cache, name, max_len)):
+        raise ValueError(errors[0])
     if cache:
         return TextCache(cache, max_len, device, dtype, lambda: HFTextEncoder(name, max_len, device, dtype))
     return HFTextEncoder(name, max_len, device, dtype)
 
 
-# The text-embedding cache (cache_text.py writes it): each caption's frozen states, bf16, its real tokens
-# only, in shards chosen by the caption's hash. Shard p holds p.keys.npy (sorted 64-bit caption hashes),
-# p.offsets.npy (the first row of each caption, and the end) and p.bin (the rows, bf16 as uint16, `dim`
-# wide); keys.npy is written last, so a shard without it is unfinished and its captions are encoded on the
-# fly.
+# The text-embedding cache (cache_text.py writes it): each caption's real tokens' frozen states, bf16, in
+# shards by caption hash: p.keys.npy (sorted 64-bit hashes), p.offsets.npy (each caption's first row, and the
+# end), p.bin (the rows, bf16 as uint16); keys.npy comes last: a shard without it is unfinished
 
 def caption_hash(caption):
     return int.from_bytes(hashlib.sha1(caption.encode('utf-8')).digest()[:8], 'little')
@@ -115,9 +102,8 @@ def cache_shard(path, p):
 
 
 class TextCache:
-    """encode(captions) -> (text (B, max_len, dim), mask) like HFTextEncoder's, read from the cache; captions
-    missing from it go to fallback(), an encoder built on the first miss (a complete cache never loads the
-    encoder)."""
+    """encode(captions) -> (text (B, max_len, dim), mask) like HFTextEncoder's, from the cache; misses go to
+    fallback(), an encoder built on the first one (a complete cache never loads it)."""
 
     def __init__(self, path, max_len, device, dtype, fallback):
         meta = json.load(open(os.path.join(path, 'meta.json')))
@@ -153,8 +139,7 @@ class TextCache:
             for i, s, m in zip(missing, states, mask):
                 found[i] = s[m]
         text = torch.zeros(len(captions), self.max_len, self.dim, dtype=self.dtype)
-        mask = torch.zeros(len(captions), self.max_len, dtype=torch.bool)
-        # padded to max_len like the encoder's own output: static shapes for compile
+        mask = torch.zeros(len(captions), self.max_len, dtype=torch.bool)   # padded: static shapes
         for i, f in enumerate(found):
             text[i, :len(f)], mask[i, :len(f)] = f.to(self.dtype), True
         return text.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)

@@ -246,7 +246,8 @@ def test_repa_grid_mismatch_raises(teacher):
 def test_validation_loss_at_fixed_t_and_noise():
     """A model that hands back z: its flow loss at t is ((x - z) / (1 - t))^2 = (x - noise)^2 wherever
     1 - t >= v_clip, with the noise drawn from the seed; the same at every call, and the global RNG untouched."""
-    from losses import LossConfig, validation_loss
+    from eval import validation_loss
+    from losses import LossConfig
 
     class Identity(torch.nn.Module):
         def forward(self, z, t, text, mask, route=None):
