@@ -67,9 +67,11 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, no
         imgs = generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen)
     report = score(to_uint8(imgs), captions, [g for _, g in prompts])
     row = {'eval': {g: {k: round(v, 3) for k, v in r.items() if v is not None} for g, r in report.items()}}
-    line = (f"correct {report['all']['correct']:.0%} (one {report['one']['correct']:.0%}, two "
-            f"{report['two']['correct']:.0%}, held-out {report['held_out']['correct']:.0%}) | " +
-            ' '.join(f"{k} {report['all'][k]:.0%}"
+    pct = lambda v: 'n/a' if v is None else f'{v:.0%}'   # a group with no prompt (small n) has no rate
+    groups = ', '.join(f"{g.replace('_', '-')} {pct(report[g]['correct'])}"
+                       for g in ('one', 'two', 'held_out'))
+    line = (f"correct {pct(report['all']['correct'])} ({groups}) | " +
+            ' '.join(f"{k} {pct(report['all'][k])}"
                      for k in ('background', 'color', 'shape', 'size', 'position')))
     return row, line
 

@@ -131,13 +131,13 @@ def test_learning_curve_validation_loss_and_wandb_do_not_change_training(tmp_pat
     write_shapes_data(str(tmp_path / 'd'), 12, 32, 6)   # a held-out folder for the validation loss
     args = ['--max_iters=6', '--batch_size=8', '--warmup_iters=2', '--route_ratio=0.5', '--route_start=1', '--n_layer=3']
     plain = train(tmp_path / 'plain', *args)
-    curve = train(tmp_path / 'curve', *args, '--eval_interval=3', '--eval_n=10', '--eval_steps=2', '--val_interval=3',
+    curve = train(tmp_path / 'curve', *args, '--eval_interval=3', '--eval_n=4', '--eval_steps=2', '--val_interval=3',
                   f"--val_data={tmp_path / 'd' / 'folder'}", '--val_n=5', '--val_bins=4', '--wandb_log=True',
                   '--wandb_run_name=tiny', '--sample_interval=6', '--sample_steps=2',
                   env={'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path)})
     evals = [r for r in curve if 'eval' in r]
     assert [r['step'] for r in evals] == [3, 6]
-    assert evals[0]['eval']['all']['n'] == 10 and {'correct', 'background', 'shape'} <= evals[0]['eval']['all'].keys()
+    assert evals[0]['eval']['all']['n'] == 4 and evals[0]['eval']['held_out']['n'] == 0 and {'correct', 'background', 'shape'} <= evals[0]['eval']['all'].keys()
     vals = [r for r in curve if 'val_loss' in r]
     assert [r['step'] for r in vals] == [3, 6] and list(vals[0]['val_loss_t']) == ['t0.125', 't0.375', 't0.625', 't0.875']
     assert vals[0]['val_loss'] == pytest.approx(sum(vals[0]['val_loss_t'].values()) / 4, abs=2e-5)
