@@ -2,6 +2,7 @@
 Data: folders and tar shards of captioned images, indexed once and read by offset; a weighted mixture of them
 (or the built-in shapes set, shapes.py); the loader that cuts each step's global batch over processes.
 """
+import atexit
 import glob
 import hashlib
 import io
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from shapes import ShapesSource
+from text import drop_captions
 
 # ---- data sources: 'shapes', a folder, or tar shards (a glob or a range, 'data/{00000..00127}.tar') ----
 # indexed once (each sample's file, offset and length, in .npy files beside the data) and memory-mapped: no
@@ -189,8 +191,7 @@ def load_image(data, size, min_size=0, rng=None, random_crop=False, hflip=False)
     m = min(w, h)
     left, top = ((rng.random() * (w - m), rng.random() * (h - m)) if random_crop
                  else ((w - m) / 2, (h - m) / 2))
-    # shrinking, the box filter (area average: sound antialiasing) is the cheapest (BENCHMARKS.md); enlarging,
-    # box would be blocky
+    # shrinking: the box filter, the cheapest sound antialiasing (BENCHMARKS.md); enlarging, box is blocky
     resample = Image.BOX if m >= size else Image.BILINEAR
     img = img.resize((size, size), resample, box=(left, top, left + m, top + m))
     if hflip and rng.random() < 0.5:
@@ -365,13 +366,6 @@ class Mixture:
                     self.stop(k, f'more than max_bad_fraction={self.max_bad_fraction}')
         self.stop(k, f'{MAX_TRIES} in a row')
 
-    def captions(self, n):
-        """The captions of global samples 0..n-1 (bad ones skipped): train.py's grid prompts for real data."""
-        reads, bad = self.reads.copy(), self.bad.copy()
-        caps = [self[i][1] for i in range(n)]
-        self.reads, self.bad = reads, bad   # the bad-sample stop counts training's reads only
-        return caps
-
     def stop(self, k, why):
         reasons = ', '.join(f'{n} {r}' for r, n in zip(BAD_REASONS, self.bad[k]) if n)
         raise ValueError(f'data source {self.keys[k]!r}: {self.bad[k].sum()} of {self.reads[k]} samples read '
@@ -406,6 +400,34 @@ class StepBatches(torch.utils.data.IterableDataset):
                 host = None if self.text is None else self.text(list(caps), s, m)
                 step.append((torch.from_numpy(np.stack(imgs)), list(caps), m, bad, host))
             yield step
+
+
+def micro_seed(seed, step, m):
+    """The seed of every draw of step `step`'s micro-batch m (t, noise, caption dropout, TREAD's route): one
+    process with accumulation and N processes draw alike (1_000_003: a prime above any step; 4096: any m)."""
+    return (seed * 1_000_003 + step) * 4096 + m
+
+
+class WorkerText:
+    """StepBatches' text from the cache, read in a loader worker (the main process only copies it), with the
+    caption dropout train.py's loop draws on a GPU: from a host generator, no sync."""
+
+    def __init__(self, encode, caption_dropout, seed):
+        self.encode, self.caption_dropout, self.seed = encode, caption_dropout, seed
+
+    def __call__(self, captions, step, m):
+        gen = torch.Generator().manual_seed(micro_seed(self.seed, step, m))
+        return self.encode(drop_captions(captions, self.caption_dropout, gen))
+
+
+def step_loader(step_batches, num_workers, pin_memory=False):
+    """An iterator over StepBatches' steps, read by num_workers worker processes (0: by this one)."""
+    loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
+                                              persistent_workers=num_workers > 0, worker_init_fn=quiet_worker,
+                                              pin_memory=pin_memory))
+    if num_workers:   # at exit, multiprocessing stops workers by SIGTERM, which they ignore: stop them first
+        atexit.register(loader._shutdown_workers)
+    return loader
 
 
 def quiet_worker(worker_id):

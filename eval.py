@@ -22,6 +22,7 @@ place of Inception. For real data; the shapes set has its exact scorer.
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -74,6 +75,37 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, no
             ' '.join(f"{k} {pct(report['all'][k])}"
                      for k in ('background', 'color', 'shape', 'size', 'position')))
     return row, line
+
+
+def training_evals(config, ema, encode, loss_cfg, micro, device):
+    """train.py's work after a step's checkpoint, on rank 0: [(what, every N steps, work(step))], each work
+    returning (log row, printable line), or None (a grid). config: train.py's; ema: the model they use."""
+    from sample import read_prompts, write_grid
+    c = SimpleNamespace(**config)
+    shapes = set(c.data) == {'shapes'}
+    works = []
+    if c.eval_interval and shapes:   # the learning curve scores shapes-set prompts only
+        works.append(('learning curve', c.eval_interval, lambda step: learning_curve(
+            ema, encode, c.eval_n, c.image_size, c.eval_steps, c.cfg_scale, c.sg_scale, c.t_shift,
+            c.noise_scale, c.seed)))
+    if c.val_interval:   # the validation set, encoded once
+        batches = validation_set(c.val_data, c.val_n, c.image_size, c.seed, c.min_image_size, micro, encode,
+                                 device)
+        works.append(('validation loss', c.val_interval,
+                      lambda step: validation_point(ema, batches, loss_cfg, c.val_bins, c.seed)))
+    if c.sample_interval:   # the grids' captions: a file's, else the shapes set's or the data's first 16
+        if c.grid_prompts:
+            captions = read_prompts(c.grid_prompts)
+        elif shapes:
+            captions = [p for p, _ in eval_prompts(16)]
+        else:   # a mixture of its own: training's counts of bad samples stay training's
+            from data import Mixture
+            mix = Mixture(c.data, c.image_size, c.seed, c.min_image_size)
+            captions = [mix[i][1] for i in range(16)]
+        works.append(('sample grid', c.sample_interval, lambda step: write_grid(
+            ema, encode, captions, os.path.join(c.out_dir, f'samples_{step:06d}.png'), c.image_size,
+            c.sample_steps, c.cfg_scale, c.sg_scale, c.t_shift, c.noise_scale, c.seed)))
+    return works
 
 
 def fixed_set(key, n, size, seed, min_size=0):

@@ -343,6 +343,19 @@ def route_blocks(cfg):
 
 # ---- helpers ----
 
+@torch.no_grad()
+def ema_update(ema, model, weight):
+    """ema += weight (model - ema) over the parameters (Polyak averaging); weight: a number or a 0-dim tensor
+    (train.py: 1 - decay, times 0 for a skipped step)."""
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if ema_params[0].device.type == 'cpu':   # one pass: 3x faster than the three below
+        torch._foreach_lerp_(ema_params, params, weight)
+    else:   # not _foreach_lerp_, which would read a tensor weight back to the host (a sync a step)
+        delta = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema_params, delta)
+
+
 SKIP_SIGMA = 0.1  # the noise level (noise std / signal) below which z itself is most of the answer
 
 

@@ -6,7 +6,6 @@ Sample from a trained checkpoint with Euler steps, classifier-free guidance and/
 
 Writes samples_dir/00000.png and 00000.txt (its caption) per prompt, in order, and grid.png.
 """
-import json
 import math
 import os
 import sys
@@ -39,12 +38,8 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 def guide(dense, uncond, routed, cfg_scale, sg_scale):
     """dense + (cfg-1)(dense - uncond) + (sg-1)(dense - routed): CFG alone is uncond + w (cond - uncond), the
     speedrun's self-guidance alone routed + w (dense - routed), both on the prompt (TREAD weakens CFG)."""
-    out = dense
-    if cfg_scale != 1:
-        out = out + (cfg_scale - 1) * (dense - uncond)
-    if sg_scale != 1:
-        out = out + (sg_scale - 1) * (dense - routed)
-    return out
+    out = dense + (cfg_scale - 1) * (dense - uncond) if cfg_scale != 1 else dense
+    return out + (sg_scale - 1) * (dense - routed) if sg_scale != 1 else out
 
 
 @torch.no_grad()
@@ -121,8 +116,6 @@ def run_dir(source):
     return os.path.dirname(source) if source.endswith('.safetensors') else source
 
 
-# the training config values that sampling needs; export.py writes these beside the weights
-SAMPLE_CONFIG = ('text_encoder', 'text_len', 'image_size', 't_shift', 'noise_scale', 'cfg_scale', 'sg_scale')
 GUIDANCE = {'cfg_scale': 4.0, 'sg_scale': 1.0}   # a run's from before these keys were kept: CFG 4 alone
 
 
@@ -132,13 +125,8 @@ def load_model(source, device, use_ema=True, shift=0.0, cfg_scale=0.0, sg_scale=
     from text import load_text_encoder
     from model import DiT, DiTConfig
     if source.endswith('.safetensors'):
-        from safetensors import safe_open
-        if not os.path.isfile(source):
-            raise SystemExit(f'no such file: {source}')
-        with safe_open(source, 'pt') as f:
-            meta = f.metadata()
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        model_args, cfg = json.loads(meta['model_args']), json.loads(meta['config'])
+        from export import read_export
+        state, model_args, cfg = read_export(source)
     else:
         ckpt = load_checkpoint(checkpoint_of(source))
         model_args, cfg, state = ckpt['model_args'], ckpt['config'], ckpt['ema' if use_ema else 'model']

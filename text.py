@@ -26,6 +26,12 @@ def tokenize_bytes(captions, max_len):
     return ids, mask
 
 
+def drop_captions(captions, p, gen):
+    """Classifier-free guidance training: a fraction p of captions become the empty caption."""
+    drop = torch.rand(len(captions), generator=gen, device=gen.device) < p
+    return ['' if d else c for c, d in zip(captions, drop.tolist())]
+
+
 def to_device(t, device):
     """A host tensor on `device`; on a GPU pinned and non-blocking (a copy from pageable memory waits)."""
     if torch.device(device).type != 'cuda':

@@ -5,7 +5,6 @@ Train a pixel-space text-to-image diffusion transformer. One plain loop, one pro
     python train.py config/speedrun.py --max_iters=10 # override anything (configurator.py)
     torchrun --nproc_per_node=8 train.py config/speedrun.py
 """
-import atexit
 import copy
 import inspect
 import json
@@ -16,21 +15,18 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_stage, restore, save_checkpoint
-from data import BAD_REASONS, Mixture, StepBatches, quiet_worker, to_model_images
-from losses import LossConfig, diffusion_loss, drop_captions, load_dino, load_lpips, load_repa_teacher
-from model import DiT, DiTConfig
+from data import BAD_REASONS, Mixture, StepBatches, WorkerText, micro_seed, step_loader, to_model_images
+from losses import LossConfig, diffusion_loss, frozen_for_training, load_dino, load_lpips, load_repa_teacher
+from model import DiT, DiTConfig, ema_update
 import muon
-from eval import learning_curve, validation_point, validation_set
-from sample import read_prompts, write_grid
-from shapes import eval_prompts
-from text import load_text_encoder
+from eval import training_evals
+from text import drop_captions, load_text_encoder
 
 # -----------------------------------------------------------------------------
 # The speedrun recipe's values (docs/recipe.md), then, in one block, the shapes set's departures from them.
@@ -147,13 +143,8 @@ raw = DiT(model_cfg).to(device)   # `raw` is the module itself: its weights, sta
 ema = copy.deepcopy(raw).requires_grad_(False)
 lpips_net = load_lpips(teachers_pretrained).to(device) if lpips_weight > 0 else None
 dino_net = load_dino(dino_model, teachers_pretrained).to(device) if dino_weight > 0 else None
-# frozen teachers in the autocast dtype (half the weight traffic), compiled (a third of the speedrun step)
-for net in (n for n in (teacher, lpips_net, dino_net) if n is not None):
-    if device_type == 'cuda':
-        net.to(ptdtype)
-    if compile and net is not lpips_net:   # losses.py calls forward_features
-        net.forward_features = torch.compile(net.forward_features)
-lpips_net = torch.compile(lpips_net) if compile and lpips_net is not None else lpips_net
+teacher, lpips_net, dino_net = (frozen_for_training(net, ptdtype, compile) for net in (teacher, lpips_net,
+                                                                                      dino_net))
 
 loss_cfg = LossConfig.from_config(config)
 opt_keys = [k for k in inspect.signature(DiT.configure_optimizers).parameters if k not in ('self', 'fused')]
@@ -171,40 +162,19 @@ if ddp:
 if compile:   # DDP inside the compiled module, not around it: only then can dynamo overlap the all-reduces
     model = torch.compile(model)
 
-def micro_seed(step, m):
-    """(seed, step, micro-batch m) -> one integer (1_000_003: a prime above any step; 4096: above any m)."""
-    return (seed * 1_000_003 + step) * 4096 + m
-
-def cached_text(captions, step, m):
-    """A micro-batch's text states from the cache, looked up in a loader worker (the main process only copies
-    them); caption dropout draws from a host generator, as the loop does on a GPU (no host sync)."""
-    cap_gen = torch.Generator().manual_seed(micro_seed(step, m))
-    return host_encode(drop_captions(captions, caption_dropout, cap_gen))
-
-if text_cache:   # the workers' own reader of the cache, on the host
-    host_encode = load_text_encoder(text_encoder, text_len, 'cpu', text_dtype, cache=text_cache)
 if ddp and not master:   # rank 0 indexes new folders and shard sets once, beside the data; the others read it
     dist.barrier()
 mixture = Mixture(data, image_size, seed, min_image_size, random_crop, hflip, max_bad_fraction)
 if ddp and master:
     dist.barrier()
-step_batches = StepBatches(mixture, batch_size, micro, rank, world, start_step=step,
-                           start_sample=first_sample, text=cached_text if text_cache else None)
+# with a text cache, each loader worker reads the states itself (WorkerText) and the main process copies them
+worker_text = (WorkerText(load_text_encoder(text_encoder, text_len, 'cpu', text_dtype, cache=text_cache),
+                          caption_dropout, seed) if text_cache else None)
+step_batches = StepBatches(mixture, batch_size, micro, rank, world, step, first_sample, worker_text)
 accum = step_batches.accum   # micro-batches per process per step
-loader = iter(torch.utils.data.DataLoader(step_batches, batch_size=None, num_workers=num_workers,
-                                          persistent_workers=num_workers > 0, worker_init_fn=quiet_worker,
-                                          pin_memory=device_type == 'cuda'))
-if num_workers:   # at exit, multiprocessing stops workers with SIGTERM, which they ignore: stop them first
-    atexit.register(loader._shutdown_workers)
-curve = eval_interval > 0 and set(data) == {'shapes'}   # the learning curve scores shapes-set prompts only
-if master and sample_interval:   # the grids' captions: a file's, else the shapes set's or the data's first
-    grid_captions = (read_prompts(grid_prompts) if grid_prompts else [c for c, _ in eval_prompts(16)]
-                     if set(data) == {'shapes'} else mixture.captions(16))
-if master and val_interval:   # the validation set, encoded once
-    val_batches = validation_set(val_data, val_n, image_size, seed, min_image_size, micro, encode, device)
-    val_point = partial(validation_point, ema, val_batches, loss_cfg, val_bins, seed)
-curve_point = partial(learning_curve, ema, encode, eval_n, image_size, eval_steps, cfg_scale, sg_scale,
-                      t_shift, noise_scale, seed)
+loader = step_loader(step_batches, num_workers, pin_memory=device_type == 'cuda')
+# rank 0's work after a step's checkpoint: the learning curve, the validation loss, the sample grid
+after = training_evals(config, ema, encode, loss_cfg, micro, device) if master else []
 if master and wandb_log:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -214,18 +184,6 @@ if master:
     ns = opts[1].param_groups[0]['ns_dtype'] or muon.ns_dtype(torch.device(device)) if len(opts) > 1 else ''
     print(f'{raw.num_params() / 1e6:.2f}M parameters | {world} process(es) x {micro} images x {accum} '
           f'accumulation = batch {batch_size} | {device} {dtype}' + (f' | Newton-Schulz in {ns}' * bool(ns)))
-
-@torch.no_grad()
-def update_ema(n_updates, ok):
-    """ema += ok (1 - decay) (raw - ema); ok: a 0-dim 0/1 tensor, 0 for a skipped step (on the device)."""
-    decay = min(ema_decay, (1 + n_updates) / (10 + n_updates)) if ema_warmup else ema_decay
-    ema_params, raw_params = list(ema.parameters()), list(raw.parameters())
-    if device_type == 'cpu':   # one pass: 3x faster than the three below
-        torch._foreach_lerp_(ema_params, raw_params, ok * (1 - decay))
-    else:   # not _foreach_lerp_, which would read its tensor weight back to the host (a sync a step)
-        delta = torch._foreach_sub(raw_params, ema_params)
-        torch._foreach_mul_(delta, ok * (1 - decay))
-        torch._foreach_add_(ema_params, delta)
 
 def optimizer_step():
     """Clip and step, skipped on the device (found_inf) if the loss or a gradient is not finite: no host sync,
@@ -291,33 +249,29 @@ def stop_now():
     return (None, 'time_budget', 'signal')[code]
 
 def checkpoint():
-    global saved_step
+    global saved_step, t_log
     saved_step = step
     samples = first_sample + (step - first_step) * batch_size   # seen so far: where the next stage goes on
     save_checkpoint(out_dir, {'model': raw.state_dict(), 'ema': ema.state_dict(), 'step': step,
                               'samples': samples, 'optimizers': [o.state_dict() for o in opts],
                               'config': config, 'model_args': model_args}, keep_ckpts)
+    t_log = time.time()   # keep ms_per_step a training number
 
-def after_checkpoint(what, work, tag=''):
-    """A grid, or a learning-curve or validation-loss point (tag: its (row, line) printed and logged), after
-    the step's checkpoint: a failure is reported and skipped (a full disk, a prompt the text cache lacks)."""
+def after_checkpoint(what, work):
+    """A grid, or a learning-curve or validation-loss point (printed and logged), after the step's checkpoint:
+    a failure is reported and skipped (a full disk, a prompt the text cache lacks)."""
     global t_log
     try:
         with autocast:
-            point = work()
-        if tag:
-            print(f'{tag} step {step}: {point[1]}', flush=True)
+            point = work(step)
+        if what == 'sample grid' and wandb_log:
+            wandb.log({'samples': wandb.Image(os.path.join(out_dir, f'samples_{step:06d}.png'))}, step=step)
+        elif point:
+            print(f"{'eval' if what == 'learning curve' else 'val'} step {step}: {point[1]}", flush=True)
             log_row({'step': step, **point[0]})
     except Exception as e:
         print(f'step {step}: the {what} failed and is skipped: {type(e).__name__}: {e}', flush=True)
     t_log = time.time()   # keep ms_per_step a training number
-
-def sample_grid():
-    path = os.path.join(out_dir, f'samples_{step:06d}.png')
-    write_grid(ema, encode, grid_captions, path, image_size, sample_steps, cfg_scale, sg_scale, t_shift,
-               noise_scale, seed)
-    if wandb_log:
-        wandb.log({'samples': wandb.Image(path)}, step=step)
 
 # ---- the loop ----
 # a resumed run goes on with its log; any other run starts a fresh one (two runs' rows would read as one run)
@@ -340,14 +294,14 @@ while step < max_iters and not (stopped_by := stop_now()):
     parts_sum = {}
     for k, (u8, captions, m, bad, host_text) in enumerate(next(loader)):
         bad_samples += bad
-        # every draw (t, noise, caption dropout, TREAD's route) comes from the micro-batch's own generator:
-        # 1 process with accumulation and N processes see the same draws
-        gen = torch.Generator(device).manual_seed(micro_seed(step, m))
+        # the micro-batch's own generator draws t, the noise, the dropout and TREAD's route (data.micro_seed)
+        seed_m = micro_seed(seed, step, m)
+        gen = torch.Generator(device).manual_seed(seed_m)
         x = to_model_images(u8.to(device, non_blocking=True))
-        if host_text is not None:   # the loader worker looked the states up (cached_text): only a copy here
+        if host_text is not None:   # the loader worker looked the states up (WorkerText): only a copy here
             text, text_mask = (a.to(device, non_blocking=True) for a in host_text)
         else:   # on a CPU the dropout draw is gen's first
-            cap_gen = gen if device_type == 'cpu' else torch.Generator().manual_seed(micro_seed(step, m))
+            cap_gen = gen if device_type == 'cpu' else torch.Generator().manual_seed(seed_m)
             text, text_mask = encode(drop_captions(captions, caption_dropout, cap_gen))
         if ddp:   # DDP all-reduces only on the last micro-batch
             ddp_model.require_backward_grad_sync = k == accum - 1
@@ -363,19 +317,16 @@ while step < max_iters and not (stopped_by := stop_now()):
     ok = optimizer_step()   # skipped if not finite; the step still counts: its batch is spent
     step += 1
     steps_since_log += 1
-    if step % ema_interval == 0:
-        update_ema(step // ema_interval - 1, ok)   # the number of EMA updates before this one
+    if step % ema_interval == 0:   # ema_warmup: decay (1 + n) / (10 + n) after n updates, for short runs
+        n = step // ema_interval - 1
+        ema_update(ema, raw, ok * (1 - (min(ema_decay, (1 + n) / (10 + n)) if ema_warmup else ema_decay)))
     if step % log_interval == 0 or step == max_iters:   # every rank: they stop together
         log_step(parts_sum)
     if master and ckpt_interval and step % ckpt_interval == 0:
         checkpoint()
-        t_log = time.time()
-    if master and curve and (step % eval_interval == 0 or step == max_iters):
-        after_checkpoint('learning curve', curve_point, 'eval')
-    if master and val_interval and step % val_interval == 0:
-        after_checkpoint('validation loss', val_point, 'val')
-    if master and sample_interval and step % sample_interval == 0:
-        after_checkpoint('sample grid', sample_grid)
+    for what, every, work in after:
+        if step % every == 0 or (what == 'learning curve' and step == max_iters):
+            after_checkpoint(what, work)
 
 # ---- the end ----
 summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
@@ -389,8 +340,9 @@ if ddp:  # a cheap desync check: every rank must hold rank 0's weights
 if master:
     if saved_step != step:   # the loop's last step may have written it already
         checkpoint()
-    if val_interval and step % val_interval:   # the last step's point, where the loop's interval missed it
-        after_checkpoint('validation loss', val_point, 'val')
+    for what, every, work in after:
+        if what == 'validation loss' and step % every:   # the last step's point, where the interval missed it
+            after_checkpoint(what, work)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)

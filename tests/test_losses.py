@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (shift_t, sample_t, drop_captions, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
+from losses import (shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
                     load_repa_teacher, repa_loss)
+from text import drop_captions
 
 # Random-weight nets with tiny dims: no downloads, and fast on two CPU cores.
 TINY = dict(embed_dim=32, depth=1, num_heads=2)

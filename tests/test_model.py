@@ -241,3 +241,15 @@ def test_fused_adamw_equals_the_foreach_step():
         weights.append(m.state_dict())
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-5, rtol=1e-5)   # steps of 1e-2: rounding
+
+
+def test_ema_update_is_its_formula_and_a_zero_weight_changes_nothing():
+    ema, raw = tiny(), tiny()
+    for p in raw.parameters():
+        p.data.add_(1.0)
+    before = [p.clone() for p in ema.parameters()]
+    model_module.ema_update(ema, raw, torch.tensor(0.0))   # a skipped step: weight 0
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), before))
+    model_module.ema_update(ema, raw, 0.25)   # ema + 0.25 (raw - ema)
+    for e, b, r in zip(ema.parameters(), before, raw.parameters()):
+        torch.testing.assert_close(e, b + 0.25 * (r - b))
