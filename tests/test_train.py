@@ -53,11 +53,13 @@ def test_loss_falls_and_logs(tmp_path):
 
 
 def test_ema_matches_its_formula(tmp_path):
-    for warmup in (False, True):   # the step-0 checkpoint is the same for both: one run
-        args = ['--batch_size=8', '--ema_decay=0.9', f'--ema_warmup={warmup}']
-        for n in range(0 if warmup is False else 1, 3):
-            train(tmp_path / f'{warmup}{n}', f'--max_iters={n}', *args)
-        c = [ckpt(tmp_path / f'{warmup if n else False}{n}') for n in range(3)]
+    args = ['--batch_size=8', '--ema_decay=0.9']
+    train(tmp_path / 'start', '--max_iters=0', *args)   # the step-0 checkpoint, the same with and without warm-up
+    for warmup in (False, True):   # one run each, keeping its checkpoints of steps 1 and 2
+        train(tmp_path / f'{warmup}', '--max_iters=2', '--ckpt_interval=1', '--keep_ckpts=3', f'--ema_warmup={warmup}',
+              *args)
+        c = [ckpt(tmp_path / 'start')] + [torch.load(tmp_path / f'{warmup}' / f'ckpt_000000{n}.pt', weights_only=True)
+                                          for n in (1, 2)]
         assert all(torch.equal(c[0]['ema'][k], v) for k, v in c[0]['model'].items())   # starts as the model
         changed = 0
         for n in (1, 2):   # after the update number n - 1 the decay is min(0.9, n / (9 + n)) with warm-up
