@@ -6,11 +6,18 @@ shape (model_args).
     init_from='resume'       continue out_dir's own run: everything as it was
     init_from='x/ckpt.pt'    a new stage from that run (the speedrun's 1024px stage 2): its weights, EMA,
                              optimizer state and step; routing and REPA may change, nothing else
+
+A run stops early, with a checkpoint, on its clock (time_budget) or on SIGTERM or SIGINT (RunStop). Its
+out_dir/log.jsonl holds one JSON row a line (RunLog).
 """
+import json
 import os
 import pickle
+import signal
+import time
 
 import torch
+import torch.distributed as dist
 
 from model import DiT, DiTConfig
 
@@ -139,3 +146,48 @@ def restore(ckpt, raw, ema, opts, keep=()):
     # samples seen: checkpoints from before this key never changed batch size within a stage
     samples = ckpt.get('samples', ckpt['step'] * ckpt['config'].get('batch_size', 0))
     return ckpt['step'], samples, changed
+
+
+class RunStop:
+    """stop() -> None, 'time_budget' or 'signal', the same on every rank, for train.py's loop to finish the
+    step, checkpoint and exit 0: SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C) on any rank, or rank 0's
+    clock (one clock per rank could stop them at different steps and hang the last collectives)."""
+
+    def __init__(self, time_budget, master, ddp):
+        self.t_start, self.time_budget, self.master, self.signalled = time.time(), time_budget, master, []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signalled.append(signum))
+        self.group = dist.new_group(backend='gloo') if ddp else None
+
+    def __call__(self):
+        late = self.master and self.time_budget > 0 and time.time() - self.t_start > self.time_budget
+        code = 2 if self.signalled else int(late)
+        if self.group is not None:   # a CPU tensor over gloo: never waits for the GPU (an nccl flag would)
+            dist.all_reduce(flag := torch.tensor([code]), op=dist.ReduceOp.MAX, group=self.group)
+            code = flag.item()
+        return (None, 'time_budget', 'signal')[code]
+
+
+class RunLog:
+    """log(row): one row of out_dir/log.jsonl, and of Weights & Biases if wandb_project is given. A resumed
+    run goes on with its log; any other run starts a fresh one (two runs' rows would read as one run)."""
+
+    def __init__(self, out_dir, resume, config, wandb_project='', wandb_run_name=''):
+        self.file = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resume else 'w')
+        self.wandb = None
+        if wandb_project:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def __call__(self, row):
+        self.file.write(json.dumps(row) + '\n')
+        self.file.flush()
+        if self.wandb:   # a PNG's path is a picture (the sample grids)
+            images = {k: self.wandb.Image(v) for k, v in row.items() if str(v).endswith('.png')}
+            self.wandb.log({**row, **images}, step=row['step'])
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()

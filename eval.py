@@ -79,8 +79,9 @@ def learning_curve(model, encode, n, size, steps, cfg_scale, sg_scale, shift, no
 
 def training_evals(config, ema, encode, loss_cfg, micro, device):
     """train.py's work after a step's checkpoint, on rank 0: [(what, every N steps, work(step))], each work
-    returning (log row, printable line), or None (a grid). config: train.py's; ema: the model they use."""
-    from sample import read_prompts, write_grid
+    returning (log row, printable line); a PNG path in a row is a picture to W&B. config: train.py's; ema: the
+    model they use."""
+    from sample import read_prompts
     c = SimpleNamespace(**config)
     shapes = set(c.data) == {'shapes'}
     works = []
@@ -102,10 +103,17 @@ def training_evals(config, ema, encode, loss_cfg, micro, device):
             from data import Mixture
             mix = Mixture(c.data, c.image_size, c.seed, c.min_image_size)
             captions = [mix[i][1] for i in range(16)]
-        works.append(('sample grid', c.sample_interval, lambda step: write_grid(
+        works.append(('sample grid', c.sample_interval, lambda step: grid_point(
             ema, encode, captions, os.path.join(c.out_dir, f'samples_{step:06d}.png'), c.image_size,
             c.sample_steps, c.cfg_scale, c.sg_scale, c.t_shift, c.noise_scale, c.seed)))
     return works
+
+
+def grid_point(ema, encode, captions, path, *sampling):
+    """train.py's sample grid: written to `path`, which is its log row's 'samples' (a picture in W&B)."""
+    from sample import write_grid
+    write_grid(ema, encode, captions, path, *sampling)
+    return {'samples': path}, path
 
 
 def fixed_set(key, n, size, seed, min_size=0):

@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import resource
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_stage, restore, save_checkpoint
+from checkpoint import RunLog, RunStop, load_stage, restore, save_checkpoint
 from data import BAD_REASONS, Mixture, StepBatches, WorkerText, micro_seed, step_loader, to_model_images
 from losses import LossConfig, diffusion_loss, frozen_for_training, load_dino, load_lpips, load_repa_teacher
 from model import DiT, DiTConfig, ema_update
@@ -175,9 +174,6 @@ accum = step_batches.accum   # micro-batches per process per step
 loader = step_loader(step_batches, num_workers, pin_memory=device_type == 'cuda')
 # rank 0's work after a step's checkpoint: the learning curve, the validation loss, the sample grid
 after = training_evals(config, ema, encode, loss_cfg, micro, device) if master else []
-if master and wandb_log:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 if master and changed:
     print(f"{init_from}: this run's optimizer settings replace the checkpoint's: " + ', '.join(changed))
 if master:
@@ -232,22 +228,6 @@ def log_step(parts_sum):
     log_row(row)
     t_log, steps_since_log = time.time(), 0
 
-def log_row(row):
-    """One row of log.jsonl, and of Weights & Biases if on."""
-    log.write(json.dumps(row) + '\n')
-    log.flush()
-    if wandb_log:
-        wandb.log(row, step=row['step'])
-
-def stop_now():
-    """None, 'time_budget' or 'signal', the same on every rank: a signal on any, or rank 0's clock (one clock
-    per rank could stop them at different steps and hang the last collectives)."""
-    code = 2 if signalled else int(master and time_budget > 0 and time.time() - t_start > time_budget)
-    if ddp:   # a CPU tensor over gloo: never waits for the GPU (an nccl flag read back would, each step)
-        dist.all_reduce(flag := torch.tensor([code]), op=dist.ReduceOp.MAX, group=stop_group)
-        code = flag.item()
-    return (None, 'time_budget', 'signal')[code]
-
 def checkpoint():
     global saved_step, t_log
     saved_step = step
@@ -258,33 +238,27 @@ def checkpoint():
     t_log = time.time()   # keep ms_per_step a training number
 
 def after_checkpoint(what, work):
-    """A grid, or a learning-curve or validation-loss point (printed and logged), after the step's checkpoint:
+    """A learning-curve or validation-loss point or a grid, printed and logged, after the step's checkpoint:
     a failure is reported and skipped (a full disk, a prompt the text cache lacks)."""
     global t_log
     try:
         with autocast:
-            point = work(step)
-        if what == 'sample grid' and wandb_log:
-            wandb.log({'samples': wandb.Image(os.path.join(out_dir, f'samples_{step:06d}.png'))}, step=step)
-        elif point:
-            print(f"{'eval' if what == 'learning curve' else 'val'} step {step}: {point[1]}", flush=True)
-            log_row({'step': step, **point[0]})
+            row, line = work(step)
+        print(f'{what} at step {step}: {line}', flush=True)
+        log_row({'step': step, **row})
     except Exception as e:
         print(f'step {step}: the {what} failed and is skipped: {type(e).__name__}: {e}', flush=True)
     t_log = time.time()   # keep ms_per_step a training number
 
 # ---- the loop ----
-# a resumed run goes on with its log; any other run starts a fresh one (two runs' rows would read as one run)
-log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if init_from == 'resume' else 'w') if master else None
 t_start = t_log = time.time()
 steps_since_log = bad_steps = bad_in_row = 0
 skipped = []   # found_inf of each step since the last log
 bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by this process's loader
-signalled = []   # SIGTERM (a preempting scheduler) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: signalled.append(signum))
+log_row = (RunLog(out_dir, init_from == 'resume', config, wandb_project if wandb_log else '', wandb_run_name)
+           if master else None)
+stop_now = RunStop(time_budget, master, ddp)   # the clock, SIGTERM or Ctrl-C: checkpoint and exit 0
 stopped_by = saved_step = None
-stop_group = dist.new_group(backend='gloo') if ddp else None
 while step < max_iters and not (stopped_by := stop_now()):
     # linear warmup, then constant; cooldown_iters: linear to 0 at the end (WSD, Hagele et al. 2024)
     cooldown = (max_iters - step) / cooldown_iters if cooldown_iters else 1.0
@@ -325,7 +299,7 @@ while step < max_iters and not (stopped_by := stop_now()):
     if master and ckpt_interval and step % ckpt_interval == 0:
         checkpoint()
     for what, every, work in after:
-        if step % every == 0 or (what == 'learning curve' and step == max_iters):
+        if step % every == 0:
             after_checkpoint(what, work)
 
 # ---- the end ----
@@ -340,17 +314,15 @@ if ddp:  # a cheap desync check: every rank must hold rank 0's weights
 if master:
     if saved_step != step:   # the loop's last step may have written it already
         checkpoint()
-    for what, every, work in after:
-        if what == 'validation loss' and step % every:   # the last step's point, where the interval missed it
+    for what, every, work in after:   # the last step's, where the interval missed it and no signal waits
+        if step % every and stopped_by != 'signal':
             after_checkpoint(what, work)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device_type == 'cuda'
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)
     print(json.dumps(summary))
     log_row(summary)
-    log.close()
-    if wandb_log:
-        wandb.finish()
+    log_row.close()
 if ddp:
     dist.barrier()  # every rank reaches teardown together: gloo aborts a rank whose peer is still busy
     dist.destroy_process_group()

@@ -326,11 +326,13 @@ def _children(pid):
 def test_torchrun_stops_together_on_one_ranks_sigterm_or_the_clock(tmp_path):
     import signal
     import time
-    log = train(tmp_path / 'clock', '--max_iters=100000', '--time_budget=3', '--log_interval=1000', *TORCHRUN_TREAD,
-                torchrun=2)
+    grid = ['--sample_interval=100000', '--sample_steps=1']   # a grid after the last step, but not after a signal
+    log = train(tmp_path / 'clock', '--max_iters=100000', '--time_budget=3', '--log_interval=1000', *grid,
+                *TORCHRUN_TREAD, torchrun=2)
     assert log[-1]['rank_weight_diff'] == 0.0 and 0 < log[-1]['step'] < 100000   # no rank left alone in a collective
     assert log[-1]['stopped_by'] == 'time_budget'
-    proc = start(tmp_path / 'sig', '--max_iters=100000', '--log_interval=1000', *TORCHRUN_TREAD, torchrun=2)
+    assert log[-2] == {'step': log[-1]['step'], 'samples': str(tmp_path / 'clock' / f"samples_{log[-1]['step']:06d}.png")}
+    proc = start(tmp_path / 'sig', '--max_iters=100000', '--log_interval=1000', *grid, *TORCHRUN_TREAD, torchrun=2)
     deadline = time.time() + 120
     while not (tmp_path / 'sig' / 'log.jsonl').exists() and time.time() < deadline:   # rank 0 is in the loop
         time.sleep(0.2)
@@ -339,8 +341,10 @@ def test_torchrun_stops_together_on_one_ranks_sigterm_or_the_clock(tmp_path):
     os.kill(max(workers), signal.SIGTERM)   # one rank only: the other must follow it to the same step
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
-    done = [json.loads(line) for line in open(tmp_path / 'sig' / 'log.jsonl')][-1]
+    log = [json.loads(line) for line in open(tmp_path / 'sig' / 'log.jsonl')]
+    done = log[-1]
     assert done['stopped_by'] == 'signal' and done['rank_weight_diff'] == 0.0 and ckpt(tmp_path / 'sig')['step'] == done['step']
+    assert not [r for r in log if 'samples' in r] and not list((tmp_path / 'sig').glob('samples_*.png'))
 
 
 def test_trains_from_files_logs_skipped_samples_and_stops_on_too_many(tmp_path):
