@@ -10,6 +10,7 @@ closest valid keys.
 """
 import ast
 import difflib
+import os
 import sys
 from types import SimpleNamespace
 
@@ -85,6 +86,11 @@ def config_errors(config):
               'eval_steps': 1, 'sample_steps': 1, 'min_image_size': 0, 'val_interval': 0, 'val_n': 1,
               'val_bins': 1}
     errors += [f'{k}={config[k]}, want an integer >= {low}' for k, low in lowest.items() if config[k] < low]
+    world = int(os.environ.get('WORLD_SIZE', 1))   # torchrun's processes
+    micro = c.micro_batch or max(1, c.batch_size // world)
+    if c.batch_size >= 1 and c.micro_batch >= 0 and c.batch_size % (micro * world):
+        errors.append(f'batch_size={c.batch_size} is not a multiple of micro_batch={micro} x {world} '
+                      'processes')
     if c.patch_size >= 1 and c.image_size % c.patch_size:
         errors.append(f'image_size={c.image_size} is not a multiple of patch_size={c.patch_size} '
                       f'(try {max(c.patch_size, c.image_size // c.patch_size * c.patch_size)})')

@@ -116,10 +116,7 @@ if ddp:
         torch.cuda.set_device(device)
 rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 master = rank == 0
-micro = micro_batch or batch_size // world
-if batch_size % (micro * world):
-    raise SystemExit(f'config error: batch_size={batch_size} is not a multiple of micro_batch={micro} x '
-                     f'{world} processes')
+micro = micro_batch or batch_size // world   # config_errors checked that batch_size divides
 # the seed fixes the initial weights only: the loop draws from each micro-batch's generator, so a checkpoint
 # needs no RNG state and a resume on any number of processes goes on exactly
 torch.manual_seed(seed)
@@ -202,7 +199,7 @@ def log_step(parts_sum):
         bad_steps, bad_in_row = bad_steps + int(bad), (bad_in_row + 1) * int(bad)
         if bad and master:
             print(f'step {s}: non-finite loss or gradients, update skipped ({bad_steps} so far)', flush=True)
-            log_row({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps})
+            run_log({'step': s, 'skipped': 'non-finite', 'bad_steps': bad_steps})
         if bad_in_row >= max_bad_steps:
             raise SystemExit(f'stopping: {bad_in_row} steps in a row had a non-finite loss or gradients '
                              f'(max_bad_steps={max_bad_steps}); lower learning_rate or resume from '
@@ -225,7 +222,7 @@ def log_step(parts_sum):
                               for src, counts in zip(data, bad_total.cpu()) if counts.any()}
     print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()),
           flush=True)
-    log_row(row)
+    run_log(row)
     t_log, steps_since_log = time.time(), 0
 
 def checkpoint():
@@ -245,7 +242,7 @@ def after_checkpoint(what, work):
         with autocast:
             row, line = work(step)
         print(f'{what} at step {step}: {line}', flush=True)
-        log_row({'step': step, **row})
+        run_log({'step': step, **row})
     except Exception as e:
         print(f'step {step}: the {what} failed and is skipped: {type(e).__name__}: {e}', flush=True)
     t_log = time.time()   # keep ms_per_step a training number
@@ -255,7 +252,7 @@ t_start = t_log = time.time()
 steps_since_log = bad_steps = bad_in_row = 0
 skipped = []   # found_inf of each step since the last log
 bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by this process's loader
-log_row = (RunLog(out_dir, init_from == 'resume', config, wandb_project if wandb_log else '', wandb_run_name)
+run_log = (RunLog(out_dir, init_from == 'resume', config, wandb_project if wandb_log else '', wandb_run_name)
            if master else None)
 stop_now = RunStop(time_budget, master, ddp)   # the clock, SIGTERM or Ctrl-C: checkpoint and exit 0
 stopped_by = saved_step = None
@@ -321,8 +318,8 @@ if master:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     summary['peak_mem_gib'] = round(peak, 2)
     print(json.dumps(summary))
-    log_row(summary)
-    log_row.close()
+    run_log(summary)
+    run_log.close()
 if ddp:
     dist.barrier()  # every rank reaches teardown together: gloo aborts a rank whose peer is still busy
     dist.destroy_process_group()
