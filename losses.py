@@ -4,6 +4,7 @@ Losses: the flow-matching objective with x-prediction, perceptual losses and REP
 Time convention (JiT): z_t = t * x + (1 - t) * noise, t in [0, 1], t = 1 is the clean image.
 The network predicts x; the loss is on velocity v = (x - z_t) / (1 - t).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,16 @@ def sample_t(n, gen, device, mean, std, shift, uniform):
     return t
 
 
+def t_density(t, mean, std, shift, uniform):
+    """sample_t's density at t in (0, 1): the uniform fraction plus the shifted logit-normal's."""
+    s1 = 1 - t                                        # the shifted noise level; shift_t's inverse:
+    s0 = s1 / (shift - (shift - 1) * s1)              # the logit-normal draw's noise level
+    t0 = (1 - s0).clamp(1e-12, 1 - 1e-12)
+    z = (torch.log(t0) - torch.log1p(-t0) - mean) / std
+    f0 = torch.exp(-z ** 2 / 2) / (std * math.sqrt(2 * math.pi) * t0 * (1 - t0))
+    return uniform + (1 - uniform) * f0 * shift / (shift - (shift - 1) * s1) ** 2   # times |ds0 / ds1|
+
+
 def edge_map(x):
     """(B, 1, H, W) in [0, 1]: how near each pixel is to an edge of the clean image x in [-1, 1], the largest
     neighbour difference of any channel within one pixel, halved (a full black-white step is 2)."""
@@ -38,28 +49,32 @@ def edge_map(x):
     return (F.max_pool2d(g, 3, stride=1, padding=1) / 2).clamp(max=1)
 
 
-def pixel_mean(err, x, t, edge_weight):
+def pixel_mean(err, x, t, edge_weight, sample_w=None):
     """The mean of the per-pixel errors err (B, C, H, W); with edge_weight > 0 a pixel at an edge of the clean
     image weighs up to 1 + edge_weight * t (outlines are 4% of the shapes set's pixels). Times t: at pure
-    noise an outline cannot be known, and a weight there would pull the prediction toward outlines."""
-    if edge_weight == 0:
+    noise an outline cannot be known, and a weight there would pull the prediction toward outlines.
+    sample_w (B,): each image's weight besides (t_importance)."""
+    if edge_weight == 0 and sample_w is None:
         return err.mean()
-    w = 1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x)
+    w = (1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x) if edge_weight
+         else torch.ones_like(err[:, :1]))
+    if sample_w is not None:
+        w = w * sample_w.view(-1, 1, 1, 1).to(err.dtype)
     return (err * w).sum() / (w.sum() * err.shape[1])
 
 
 V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly clean end does not blow up
 
 
-def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0):
+def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0, sample_w=None):
     # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on the x error
     d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
-    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight)
+    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight, sample_w)
 
 
-def x_loss(x_pred, x, t=None, edge_weight=0.0):
+def x_loss(x_pred, x, t=None, edge_weight=0.0, sample_w=None):
     # the velocity loss times (1 - t)^2: the nearly clean samples (up to 400 in v) weigh as the noisy ones
-    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight)
+    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight, sample_w)
 
 
 @dataclass
@@ -73,6 +88,7 @@ class LossConfig:
     loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip); 'x': MSE on x
     v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
     edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
+    t_importance: bool = False   # t drawn uniformly, each image weighed by the t density above: same loss
     lpips_weight: float = 0.1
     dino_weight: float = 0.01
     repa_weight: float = 0.5
@@ -94,10 +110,10 @@ class LossConfig:
         return cls(**{k: config[k] for k in cls.__dataclass_fields__})
 
 
-def flow_loss(x_pred, x, z, t, cfg):
+def flow_loss(x_pred, x, z, t, cfg, sample_w=None):
     """The denoising loss of cfg.loss_target: JiT's velocity loss, or the x loss."""
-    return (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight) if cfg.loss_target == 'v'
-            else x_loss(x_pred, x, t, cfg.edge_weight))
+    return (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight, sample_w) if cfg.loss_target == 'v'
+            else x_loss(x_pred, x, t, cfg.edge_weight, sample_w))
 
 
 def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None,
@@ -105,7 +121,12 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
     """One training loss on clean images x in [-1, 1]; cfg: a LossConfig; gen draws t, the noise and TREAD's
     route (tread: on; patch_size: the model's). Returns (total loss, dict of the detached parts)."""
     B = x.shape[0]
-    t = sample_t(B, gen, x.device, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
+    sample_w = None
+    if cfg.t_importance:   # importance sampling: t uniform, weighted by its density; the high-noise images,
+        t = torch.rand(B, generator=gen, device=x.device)   # most draws but a quarter of the loss, weigh less
+        sample_w = t_density(t, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
+    else:
+        t = sample_t(B, gen, x.device, cfg.t_mean, cfg.t_std, cfg.t_shift, cfg.t_uniform)
     # JiT: noise std grows with resolution (res / 256) so big images are not too easy to denoise
     noise = torch.randn(x.shape, generator=gen, device=x.device) * cfg.noise_scale
     tb = t.view(-1, 1, 1, 1)
@@ -113,7 +134,7 @@ def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False,
     # TREAD's draw comes after t and the noise: when off, the streams stay as they are
     route = tread_draw(gen, B, (x.shape[-2] // patch_size) * (x.shape[-1] // patch_size)) if tread else None
     x_pred, repa = model(z, t, text, text_mask, route=route)
-    loss = flow_loss(x_pred, x, z, t, cfg)
+    loss = flow_loss(x_pred, x, z, t, cfg, sample_w)
     parts = {'flow': loss.detach()}  # tensors: train.py syncs with the GPU only when it logs
     # perceptual losses compare the predicted clean image with the clean image, at every noise level
     if cfg.lpips_weight > 0:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
+from losses import (LossConfig, diffusion_loss, shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
                     load_repa_teacher, repa_loss)
 from text import drop_captions
 
@@ -98,6 +98,26 @@ def test_sample_t_uniform_fraction():
     assert (frac - 0.1).abs().max() < 0.015
     # a 10% uniform share leaves the shifted logit-normal in charge: mean well below 0.5
     assert sample_t(20000, torch.Generator().manual_seed(0), 'cpu', 0, 1, 3, 0.1).mean() < 0.35
+
+
+def test_t_density_is_sample_ts_and_importance_sampling_keeps_the_loss():
+    """t_density matches sample_t's histogram; t_importance draws t uniformly and weighs each image by that
+    density, so the loss's expectation is the plain draw's."""
+    from losses import t_density
+    t = sample_t(400000, torch.Generator().manual_seed(0), 'cpu', 0.0, 1.0, 10.0, 0.5)
+    hist = torch.histc(t, bins=20, min=0, max=1) / len(t) * 20
+    grid = torch.linspace(0, 1, 20001)[1:-1]
+    dens = t_density(grid, 0.0, 1.0, 10.0, 0.5)
+    assert abs(dens.mean().item() - 1) < 1e-3   # a density: it integrates to 1
+    assert torch.allclose(hist, dens[:19980].view(20, -1).mean(1), atol=0.03)
+    cfg = lambda imp: LossConfig(t_shift=10.0, t_uniform=0.5, v_clip=0.5, edge_weight=8.0, t_importance=imp,
+                                 lpips_weight=0, dino_weight=0, repa_weight=0)
+    x = torch.rand(4096, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model = lambda z, t, *a, route=None: (z * t.view(-1, 1, 1, 1) ** 0.5, None)   # any fixed denoiser
+    plain, imp = (diffusion_loss(model, x, None, None, torch.Generator().manual_seed(2), cfg(i), 8)[0]
+                  for i in (False, True))
+    assert abs(imp.item() / plain.item() - 1) < 0.03, (plain, imp)
+    assert abs(diffusion_loss(model, x, None, None, torch.Generator().manual_seed(2), cfg(False), 8)[0] - plain) < 1e-6
 
 
 def test_drop_captions():
