@@ -248,7 +248,7 @@ def after_checkpoint(what, work):
     t_log = time.time()   # keep ms_per_step a training number
 
 # ---- the loop ----
-t_start = t_log = time.time()
+t_log = time.time()
 steps_since_log = bad_steps = bad_in_row = 0
 skipped = []   # found_inf of each step since the last log
 bad_samples = torch.zeros(len(data), len(BAD_REASONS), dtype=torch.long)   # skipped by this process's loader
@@ -300,7 +300,7 @@ while step < max_iters and not (stopped_by := stop_now()):
             after_checkpoint(what, work)
 
 # ---- the end ----
-summary = {'done': True, 'step': step, 'wall_s': round(time.time() - t_start, 1)}
+summary = {'done': True, 'step': step, 'wall_s': round(time.time() - stop_now.t_start, 1)}
 if stopped_by:
     summary['stopped_by'] = stopped_by   # resume with --init_from=resume
 if ddp:  # a cheap desync check: every rank must hold rank 0's weights
