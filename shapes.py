@@ -152,11 +152,11 @@ def caption_group(caption):
     return ('one', 'two')[len(objects) - 1]
 
 
-def largest_region(mask):
-    """The largest 4-connected region of a boolean mask, as a list of (y, x)."""
+def regions(mask):
+    """The 4-connected regions of a boolean mask, largest first, each a list of (y, x)."""
     rows, (H, W) = mask.tolist(), mask.shape  # lists: per-pixel reads of numpy arrays are slow
     seen = [[False] * W for _ in range(H)]
-    best = []
+    found = []
     for y0, x0 in np.argwhere(mask).tolist():
         if seen[y0][x0]:
             continue
@@ -169,9 +169,8 @@ def largest_region(mask):
                 if 0 <= v < H and 0 <= u < W and rows[v][u] and not seen[v][u]:
                     seen[v][u] = True
                     todo.append((v, u))
-        if len(region) > len(best):
-            best = region
-    return best
+        found.append(region)
+    return sorted(found, key=len, reverse=True)
 
 
 def fitted_shape(region):
@@ -189,7 +188,8 @@ def fitted_shape(region):
 def score_image(img, caption):
     """Booleans 'color', 'shape', 'size', 'position' (each true only if it holds for every object of the
     caption), 'background', and 'correct' (all five); and 'drawn', the fitted shape of each object of the
-    caption in order (None where no region of its colour was found), for shape_confusion."""
+    caption in order (None where no region of its colour was found), and 'copies', the number of other regions
+    of each object's colour as big as a found object (a diagnostic: the checks read the largest region)."""
     p = parse_caption(caption)
     R = img.shape[0]
     assert img.shape == (R, R, 3), f'expected a square RGB image, got {img.shape}'
@@ -197,11 +197,12 @@ def score_image(img, caption):
     dist = np.linalg.norm(img[:, :, None, :].astype(np.float32) - palette, axis=-1)
     label = np.where(dist.min(-1) <= _FAR, dist.argmin(-1), -1)  # 0 background, 1.. the colours, -1 ignored
     checks = dict(color=True, shape=True, size=True, position=True)
-    centroids, drawn = [], []
+    centroids, drawn, copies = [], [], []
     for o in p['objects']:
-        region = largest_region(label == 1 + list(COLORS).index(o['color']))
+        region, *others = regions(label == 1 + list(COLORS).index(o['color'])) or [[]]
         side = SIZES[o['size']] * R
         expected_area = side ** 2 * {'circle': np.pi / 4, 'square': 1.0, 'triangle': 0.5}[o['shape']]
+        copies.append(sum(len(r) >= 0.25 * expected_area for r in others))
         if len(region) < 0.25 * expected_area:
             # not found: its shape, size and place fail too (a speck must not pass for the object)
             checks = dict.fromkeys(checks, False)
@@ -232,7 +233,7 @@ def score_image(img, caption):
     nearest = min(BACKGROUNDS, key=lambda b: np.linalg.norm(median - np.array(BACKGROUNDS[b], np.float32)))
     checks['background'] = nearest == p['background']
     checks = {k: bool(v) for k, v in checks.items()}
-    return {**checks, 'correct': all(checks.values()), 'drawn': drawn}
+    return {**checks, 'correct': all(checks.values()), 'drawn': drawn, 'copies': copies}
 
 
 def score(images, captions, groups):
@@ -257,7 +258,8 @@ def shape_confusion(results, captions, groups):
     of the objects drawn with a wrong shape whose partner asks for another shape, how many took the partner's
     ('partner': a binding leak; chance is half), and per-object shape errors apart for pairs that ask for one
     shape twice and for two different shapes ('pairs'): only the second must bind each shape word to its own
-    object, so the gap is binding's cost."""
+    object, so the gap is binding's cost. 'copies': of the objects found, how many were drawn more than
+    once."""
     out = {}
     for r, c, g in zip(results, captions, groups, strict=True):
         asked, drawn = [o['shape'] for o in parse_caption(c)['objects']], r['drawn']
@@ -265,6 +267,9 @@ def shape_confusion(results, captions, groups):
             m = out.setdefault(group, {'drawn': {s: dict.fromkeys((*SHAPES, 'none'), 0) for s in SHAPES}})
             for a, d in zip(asked, drawn):
                 m['drawn'][a][d or 'none'] += 1
+            cp = m.setdefault('copies', {'found': 0, 'copied': 0})
+            cp['found'] += sum(d is not None for d in drawn)
+            cp['copied'] += sum(d is not None and k > 0 for d, k in zip(drawn, r['copies']))
             if len(asked) == 2:
                 leak = m.setdefault('partner', {'wrong': 0, 'took_partner': 0})
                 for a, d, other in zip(asked, drawn, asked[::-1]):

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from eval import load_dir
-from shapes import (BACKGROUNDS, caption, caption_group, eval_prompts, parse_caption, render, sample_scene, score,
-                    score_image, shape_confusion, shapes_example)
+from shapes import (BACKGROUNDS, COLORS, caption, caption_group, eval_prompts, parse_caption, render, sample_scene,
+                    score, score_image, shape_confusion, shapes_example)
 from text import tokenize_bytes
 from conftest import small
 
@@ -156,6 +156,23 @@ def test_shape_confusion_counts_what_was_drawn_and_the_partner_leak():
     same = 'a large blue square to the left of a large red square on a gray background'
     c = shape_confusion([score_image(leaked, same), score_image(blank, same)], [same, same], ['two', 'two'])
     assert c['two']['pairs']['same_shape'] == dict(objects=4, wrong=2)   # the blank's two objects are not found
+
+
+def test_copies_count_other_regions_as_big_as_an_object_and_leave_the_checks_alone():
+    a = dict(shape='square', color='blue', size='large', cell=0, side=0.26, dx=0.0, dy=0.0)
+    caption = 'a large blue square in the top left on a gray background'
+    once = render({'background': 'gray', 'objects': [a]}, 64)
+    twice = render({'background': 'gray', 'objects': [a, dict(a, cell=8)]}, 64)   # a copy in the bottom right
+    speck = once.copy()
+    speck[60:62, 60:62] = COLORS['blue']   # 4 pixels: under a quarter of the object, not a copy
+    rs = [score_image(img, caption) for img in (once, twice, speck)]
+    assert [r['copies'] for r in rs] == [[0], [1], [0]]
+    assert all(r['correct'] for r in rs)   # the checks read the largest region: a copy does not fail them
+    c = shape_confusion(rs, [caption] * 3, ['one'] * 3)
+    assert c['one']['copies'] == dict(found=3, copied=1)
+    blank = np.full((64, 64, 3), BACKGROUNDS['gray'], np.uint8)
+    assert shape_confusion([score_image(blank, caption)], [caption], ['one'])['one']['copies'] == dict(found=0,
+                                                                                                    copied=0)
 
 
 def test_load_dir_and_cli(tmp_path):
