@@ -39,6 +39,7 @@ cfg_scale = 0.0   # 0 = the training run's (its config, or export.py's file)
 sg_scale = 0.0    # 0 = the training run's
 shift = 0.0  # the sampler's time shift; 0 = the training run's t_shift
 clip_x = False  # clip the guided clean-image prediction to [-1, 1] at every step (sample.generate)
+cfg_t_max = 1.0  # CFG only at steps with t < cfg_t_max (1 = every step; sample.generate)
 from_t = 0.0  # > 0: sample each prompt from its real image noised to this t, not from pure noise: a check of
               # the denoiser alone (does it keep a shape it is shown?), docs/experiments.md
 use_ema = True
@@ -297,7 +298,7 @@ if __name__ == '__main__':
             starts = to_model_images(torch.from_numpy(np.stack([render(scene, cfg['image_size'])
                                                                 for scene, _ in eval_scenes(n)])))
         sample_to_dir(model, encode, cfg, [c for c, _ in prompts], eval_dir, cfg['image_size'], num_steps,
-                      cfg_scale, sg_scale, batch_size, seed, device, dtype, starts, from_t, clip_x)
+                      cfg_scale, sg_scale, batch_size, seed, device, dtype, starts, from_t, clip_x, cfg_t_max)
         images, captions = load_dir(eval_dir)
         report = {} if prompts_from else full_report(images, captions, [g for _, g in prompts])
     else:
@@ -318,9 +319,10 @@ if __name__ == '__main__':
         json_path = eval_dir + '.json' if prompts_from else os.path.join(run_dir(out_dir), 'eval.json')
         with open(json_path, 'w') as f:
             json.dump({'settings': dict(n=n, num_steps=num_steps, cfg_scale=cfg_scale, sg_scale=sg_scale,
-                                        shift=cfg['t_shift'], clip_x=clip_x, from_t=from_t, use_ema=use_ema,
-                                        seed=seed, fd_ref=fd_ref, prompts_from=prompts_from, gallery=gallery,
-                                        thumb=thumb), **report}, f, indent=2)
+                                        shift=cfg['t_shift'], clip_x=clip_x, cfg_t_max=cfg_t_max,
+                                        from_t=from_t, use_ema=use_ema, seed=seed, fd_ref=fd_ref,
+                                        prompts_from=prompts_from, gallery=gallery, thumb=thumb), **report},
+                      f, indent=2)
     shapes = report.pop('shapes', None)   # eval.json has it whole; stderr gets the wrong shapes in one line
     print(json.dumps(report, indent=2))
     if shapes:

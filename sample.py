@@ -28,6 +28,7 @@ cfg_scale = 0.0           # classifier-free guidance: uncond + w * (cond - uncon
 sg_scale = 0.0            # self-guidance: routed + w * (dense - routed), 1 = off; 0 = run's
 shift = 0.0               # the sampler's time shift toward noise; 0 = the training run's t_shift
 clip_x = False            # clip the guided clean-image prediction to [-1, 1] at every step (generate)
+cfg_t_max = 1.0           # CFG only at steps with t < cfg_t_max (1 = every step; 0.8: not the last of 50)
 use_ema = True
 batch_size = 64
 seed = 0
@@ -45,10 +46,11 @@ def guide(dense, uncond, routed, cfg_scale, sg_scale):
 
 @torch.no_grad()
 def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen,
-             progress=False, start=None, from_t=0.0, clip_x=False):
+             progress=False, start=None, from_t=0.0, clip_x=False, cfg_t_max=1.0):
     """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step; with
     start (B,3,H,W) clean images and from_t > 0, from those images noised to t = from_t (eval.py's).
-    clip_x: the guided prediction of the clean image is clipped to the data's [-1, 1] before each step."""
+    clip_x: the guided prediction of the clean image is clipped to the data's [-1, 1] before each step;
+    cfg_t_max: classifier-free guidance only at the steps from t < cfg_t_max; the conditional model after."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
@@ -63,14 +65,16 @@ def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, n
     for i in range(steps):
         t = ts[i].expand(B)
         x_uncond = x_routed = None
-        if cfg_scale != 1:
+        # a guidance interval (Kynkaanniemi et al. 2024): at the clean end CFG trades one object for two
+        w = cfg_scale if ts[i] < cfg_t_max else 1.0
+        if w != 1:
             x, x_uncond = model(torch.cat([z, z]), torch.cat([t, t]), text, mask,
                                 route=False)[0].float().chunk(2)
         else:
-            x = model(z, t, text, mask, route=False)[0].float()
+            x = model(z, t, text[:B], mask[:B], route=False)[0].float()
         if sg_scale != 1:
             x_routed = model(z, t, text[:B], mask[:B], route=route)[0].float()
-        x = guide(x, x_uncond, x_routed, cfg_scale, sg_scale)
+        x = guide(x, x_uncond, x_routed, w, sg_scale)
         # DDPM's clip_denoised: CFG overshoots [-1, 1]; +1.2 +- 0.9 points over 11 runs here, so off
         x = x.clamp(-1, 1) if clip_x else x
         v = (x - z) / (1 - ts[i]).clamp_min(V_CLIP)   # as in training: 1 - t clipped at V_CLIP
@@ -145,7 +149,7 @@ def load_model(source, device, use_ema=True, shift=0.0, cfg_scale=0.0, sg_scale=
 
 
 def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_scale, sg_scale, batch_size,
-                  seed, device, dtype, starts=None, from_t=0.0, clip_x=False):
+                  seed, device, dtype, starts=None, from_t=0.0, clip_x=False, cfg_t_max=1.0):
     """One image per caption, in order, into samples_dir (00000.png + 00000.txt, ..., grid.png); with starts
     (N,3,H,W) and from_t, each from its start image noised to from_t (generate)."""
     os.makedirs(samples_dir, exist_ok=True)
@@ -159,7 +163,7 @@ def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_sc
             imgs = generate(model, encode, chunk, size, steps, cfg_scale, sg_scale, cfg['t_shift'],
                             cfg['noise_scale'], gen, progress=True,
                             start=None if starts is None else starts[start:start + batch_size], from_t=from_t,
-                            clip_x=clip_x)
+                            clip_x=clip_x, cfg_t_max=cfg_t_max)
         for i, (im, c) in enumerate(zip(to_uint8(imgs), chunk)):
             Image.fromarray(im).save(os.path.join(samples_dir, f'{start + i:05d}.png'))
             with open(os.path.join(samples_dir, f'{start + i:05d}.txt'), 'w') as f:
@@ -181,5 +185,5 @@ if __name__ == '__main__':
     cfg_scale, sg_scale = cfg['cfg_scale'], cfg['sg_scale']
     samples_dir = samples_dir or os.path.join(run_dir(out_dir), 'samples')
     sample_to_dir(model, encode, cfg, captions, samples_dir, image_size or cfg['image_size'], num_steps,
-                  cfg_scale, sg_scale, batch_size, seed, device, dtype, clip_x=clip_x)
+                  cfg_scale, sg_scale, batch_size, seed, device, dtype, clip_x=clip_x, cfg_t_max=cfg_t_max)
     print(f'wrote {len(captions)} images to {samples_dir}')

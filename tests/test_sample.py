@@ -135,6 +135,28 @@ def test_clip_x_keeps_every_step_inside_the_datas_range():
         assert torch.equal(out, torch.ones_like(out))   # the last step lands on x, and the output is clamped
 
 
+def test_cfg_t_max_guides_only_the_steps_before_it():
+    # 10 steps at shift 1 start from t = 0, 0.1, ..., 0.9: with cfg_t_max=0.75 the last two run the
+    # conditional model alone (one batch of prompts, no empty captions) and step toward it unguided
+    from types import SimpleNamespace
+    seen = []
+
+    class Stub(torch.nn.Module):
+        cfg = SimpleNamespace(patch_size=8)
+
+        def forward(self, z, t, text, mask, route=None):
+            seen.append((len(z), len(text)))
+            return torch.full_like(z, 0.5), None   # cond = uncond: guidance changes nothing but the batch
+
+    encode = lambda caps: (torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool))  # noqa: E731
+    out = generate(Stub(), encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0),
+                   cfg_t_max=0.75)
+    assert seen == [(4, 4)] * 8 + [(2, 2)] * 2 and torch.allclose(out, torch.full_like(out, 0.5))
+    seen.clear()
+    generate(Stub(), encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert seen == [(4, 4)] * 10   # the default: every step guided
+
+
 def test_sample_and_eval_take_the_runs_own_guidance(tmp_path):
     import json
     out = tmp_path / 'out'
