@@ -47,10 +47,9 @@ def guide(dense, uncond, routed, cfg_scale, sg_scale):
 @torch.no_grad()
 def generate(model, encode, captions, size, steps, cfg_scale, sg_scale, shift, noise_scale, gen,
              progress=False, start=None, from_t=0.0, clip_x=False, cfg_t_max=1.0):
-    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at every step; with
-    start (B,3,H,W) clean images and from_t > 0, from those images noised to t = from_t (eval.py's).
-    clip_x: the guided prediction of the clean image is clipped to the data's [-1, 1] before each step;
-    cfg_t_max: classifier-free guidance only at the steps from t < cfg_t_max; the conditional model after."""
+    """Euler from t=0 (noise) to t=1 (clean) on the training time shift, with guide() at the steps from t <
+    cfg_t_max (clip_x: its prediction clipped to [-1, 1]); with start (B,3,H,W) clean images and from_t > 0,
+    from those images noised to t = from_t (eval.py's)."""
     model.eval()
     B, device = len(captions), gen.device
     # one encode call for prompts and empty captions, so both pad to the same length and share a forward
@@ -160,10 +159,9 @@ def sample_to_dir(model, encode, cfg, captions, samples_dir, size, steps, cfg_sc
         chunk = captions[start:start + batch_size]
         print(f'batch {start // batch_size + 1}/{math.ceil(len(captions) / batch_size)}', file=sys.stderr)
         with torch.autocast(device.split(':')[0], dtype=ptdtype, enabled=ptdtype != torch.float32):
+            chunk_starts = None if starts is None else starts[start:start + batch_size]
             imgs = generate(model, encode, chunk, size, steps, cfg_scale, sg_scale, cfg['t_shift'],
-                            cfg['noise_scale'], gen, progress=True,
-                            start=None if starts is None else starts[start:start + batch_size], from_t=from_t,
-                            clip_x=clip_x, cfg_t_max=cfg_t_max)
+                            cfg['noise_scale'], gen, True, chunk_starts, from_t, clip_x, cfg_t_max)
         for i, (im, c) in enumerate(zip(to_uint8(imgs), chunk)):
             Image.fromarray(im).save(os.path.join(samples_dir, f'{start + i:05d}.png'))
             with open(os.path.join(samples_dir, f'{start + i:05d}.txt'), 'w') as f:
