@@ -202,8 +202,9 @@ def score_image(img, caption):
         region, *others = regions(label == 1 + list(COLORS).index(o['color'])) or [[]]
         side = SIZES[o['size']] * R
         expected_area = side ** 2 * {'circle': np.pi / 4, 'square': 1.0, 'triangle': 0.5}[o['shape']]
-        copies.append(sum(len(r) >= 0.25 * expected_area for r in others))
-        if len(region) < 0.25 * expected_area:
+        found = 0.25 * expected_area   # the least region that counts as the object (or as a copy of it)
+        copies.append(sum(len(r) >= found for r in others))
+        if len(region) < found:
             # not found: its shape, size and place fail too (a speck must not pass for the object)
             checks = dict.fromkeys(checks, False)
             centroids.append(None)
@@ -269,7 +270,7 @@ def shape_confusion(results, captions, groups):
                 m['drawn'][a][d or 'none'] += 1
             cp = m.setdefault('copies', {'found': 0, 'copied': 0})
             cp['found'] += sum(d is not None for d in drawn)
-            cp['copied'] += sum(d is not None and k > 0 for d, k in zip(drawn, r['copies']))
+            cp['copied'] += sum(k > 0 for k in r['copies'])   # a copy is as big as a found object
             if len(asked) == 2:
                 leak = m.setdefault('partner', {'wrong': 0, 'took_partner': 0})
                 for a, d, other in zip(asked, drawn, asked[::-1]):

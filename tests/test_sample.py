@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -90,20 +91,32 @@ def test_safetensors_export_samples_the_same_images(tmp_path):
     assert np.array_equal(a, b)
 
 
+class StubDenoiser(torch.nn.Module):
+    """A model for generate(): forward(z, t, text, mask, route) -> (x, None) is the given function."""
+    cfg = SimpleNamespace(patch_size=8)
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z, t, text, mask, route=None):
+        return self.fn(z, t, text, mask, route), None
+
+
+def stub_encode(caps):
+    return torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool)
+
+
 def test_self_guidance_keeps_one_route_per_image_over_every_step():
     # PRX draws the routed pass's tokens once per image and keeps them for all steps (docs/recipe.md)
-    from types import SimpleNamespace
     seen = []
 
-    class Stub(torch.nn.Module):
-        cfg = SimpleNamespace(patch_size=8)
+    def denoise(z, t, text, mask, route):
+        seen.append(route)
+        return z * 0
 
-        def forward(self, z, t, text, mask, route=None):
-            seen.append(route)
-            return z * 0, None
-
-    encode = lambda caps: (torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool))  # noqa: E731
-    generate(Stub(), encode, ['a', 'b'], 16, 3, 1.0, 2.0, 1.0, 1.0, torch.Generator().manual_seed(0))
+    generate(StubDenoiser(denoise), stub_encode, ['a', 'b'], 16, 3, 1.0, 2.0, 1.0, 1.0,
+             torch.Generator().manual_seed(0))
     routes = [r for r in seen if isinstance(r, torch.Tensor)]
     assert len(routes) == 3 and routes[0].shape == (2, 4) and all(torch.equal(r, routes[0]) for r in routes)
     assert [r for r in seen if not isinstance(r, torch.Tensor)] == [False] * 3   # the dense passes
@@ -112,23 +125,18 @@ def test_self_guidance_keeps_one_route_per_image_over_every_step():
 def test_clip_x_keeps_every_step_inside_the_datas_range():
     # a denoiser whose guided prediction overshoots (CFG 4 on 1.5 against 0: 6). Each z the sampler feeds it
     # is (1 - t) noise + t x, x the prediction it steps toward: clipped, x = 1; unclipped, x = 6
-    from types import SimpleNamespace
     seen = []
 
-    class Stub(torch.nn.Module):
-        cfg = SimpleNamespace(patch_size=8)
+    def denoise(z, t, text, mask, route):
+        seen.append((z[:1], t[0]))
+        cond = torch.full_like(z[:len(z) // 2], 1.5)
+        return torch.cat([cond, torch.zeros_like(cond)])
 
-        def forward(self, z, t, text, mask, route=None):
-            seen.append((z[:1], t[0]))
-            cond = torch.full_like(z[:len(z) // 2], 1.5)
-            return torch.cat([cond, torch.zeros_like(cond)]), None
-
-    encode = lambda caps: (torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool))  # noqa: E731
     noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for clip_x, x in ((True, 1.0), (False, 6.0)):
         seen.clear()
-        out = generate(Stub(), encode, ['a'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0),
-                       clip_x=clip_x)
+        out = generate(StubDenoiser(denoise), stub_encode, ['a'], 16, 10, 4.0, 1.0, 1.0, 1.0,
+                       torch.Generator().manual_seed(0), clip_x=clip_x)
         assert len(seen) == 10
         for z, t in seen:
             assert torch.allclose(z, (1 - t) * noise + t * x, atol=1e-5)
@@ -138,22 +146,18 @@ def test_clip_x_keeps_every_step_inside_the_datas_range():
 def test_cfg_t_max_guides_only_the_steps_before_it():
     # 10 steps at shift 1 start from t = 0, 0.1, ..., 0.9: with cfg_t_max=0.75 the last two run the
     # conditional model alone (one batch of prompts, no empty captions) and step toward it unguided
-    from types import SimpleNamespace
     seen = []
 
-    class Stub(torch.nn.Module):
-        cfg = SimpleNamespace(patch_size=8)
+    def denoise(z, t, text, mask, route):
+        seen.append((len(z), len(text)))
+        return torch.full_like(z, 0.5)   # cond = uncond: guidance changes nothing but the batch
 
-        def forward(self, z, t, text, mask, route=None):
-            seen.append((len(z), len(text)))
-            return torch.full_like(z, 0.5), None   # cond = uncond: guidance changes nothing but the batch
-
-    encode = lambda caps: (torch.zeros(len(caps), 4, 8), torch.ones(len(caps), 4, dtype=torch.bool))  # noqa: E731
-    out = generate(Stub(), encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0),
+    model = StubDenoiser(denoise)
+    out = generate(model, stub_encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0),
                    cfg_t_max=0.75)
     assert seen == [(4, 4)] * 8 + [(2, 2)] * 2 and torch.allclose(out, torch.full_like(out, 0.5))
     seen.clear()
-    generate(Stub(), encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0))
+    generate(model, stub_encode, ['a', 'b'], 16, 10, 4.0, 1.0, 1.0, 1.0, torch.Generator().manual_seed(0))
     assert seen == [(4, 4)] * 10   # the default: every step guided
 
 
