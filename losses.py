@@ -49,14 +49,15 @@ def edge_map(x):
     return (F.max_pool2d(g, 3, stride=1, padding=1) / 2).clamp(max=1)
 
 
-def pixel_mean(err, x, t, edge_weight, sample_w=None):
+def pixel_mean(err, x, t, edge_weight, sample_w=None, edge_t_power=1.0):
     """The mean of the per-pixel errors err (B, C, H, W); with edge_weight > 0 a pixel at an edge of the clean
-    image weighs up to 1 + edge_weight * t (outlines are 4% of the shapes set's pixels). Times t: at pure
-    noise an outline cannot be known, and a weight there would pull the prediction toward outlines.
+    image weighs up to 1 + edge_weight * t ** edge_t_power (outlines are 4% of the shapes set's pixels). Zero
+    at t = 0: at pure noise an outline cannot be known, and a weight there would pull the prediction toward
+    outlines.
     sample_w (B,): each image's weight besides (t_importance)."""
     if edge_weight == 0 and sample_w is None:
         return err.mean()
-    w = (1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) * edge_map(x) if edge_weight
+    w = (1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) ** edge_t_power * edge_map(x) if edge_weight
          else torch.ones_like(err[:, :1]))
     if sample_w is not None:
         w = w * sample_w.view(-1, 1, 1, 1).to(err.dtype)
@@ -66,15 +67,15 @@ def pixel_mean(err, x, t, edge_weight, sample_w=None):
 V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly clean end does not blow up
 
 
-def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0, sample_w=None):
+def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0, sample_w=None, edge_t_power=1.0):
     # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on the x error
     d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
-    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight, sample_w)
+    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight, sample_w, edge_t_power)
 
 
-def x_loss(x_pred, x, t=None, edge_weight=0.0, sample_w=None):
+def x_loss(x_pred, x, t=None, edge_weight=0.0, sample_w=None, edge_t_power=1.0):
     # the velocity loss times (1 - t)^2: the nearly clean samples (up to 400 in v) weigh as the noisy ones
-    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight, sample_w)
+    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight, sample_w, edge_t_power)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class LossConfig:
     loss_target: str = 'v'       # 'v': JiT's velocity loss (1 - t clipped at v_clip); 'x': MSE on x
     v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
     edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
+    edge_t_power: float = 1.0    # ... * t ** edge_t_power: below 1, more of it at mid noise, where shapes form
     t_importance: bool = False   # t drawn uniformly, each image weighed by the t density above: same loss
     lpips_weight: float = 0.1
     dino_weight: float = 0.01
@@ -100,6 +102,8 @@ class LossConfig:
         if not 0 < self.v_clip <= 1:
             errors.append(f'v_clip={self.v_clip}, want 0 < v_clip <= 1 (the least 1 - t that the velocity '
                           'loss divides by)')
+        if self.edge_t_power <= 0:
+            errors.append(f'edge_t_power={self.edge_t_power}, want > 0 (the edge weight grows as t ** power)')
         if self.edge_weight < 0:
             errors.append(f'edge_weight={self.edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
         if errors:
@@ -112,8 +116,9 @@ class LossConfig:
 
 def flow_loss(x_pred, x, z, t, cfg, sample_w=None):
     """The denoising loss of cfg.loss_target: JiT's velocity loss, or the x loss."""
-    return (velocity_loss(x_pred, x, z, t, cfg.v_clip, cfg.edge_weight, sample_w) if cfg.loss_target == 'v'
-            else x_loss(x_pred, x, t, cfg.edge_weight, sample_w))
+    edge = dict(edge_weight=cfg.edge_weight, sample_w=sample_w, edge_t_power=cfg.edge_t_power)
+    return (velocity_loss(x_pred, x, z, t, cfg.v_clip, **edge) if cfg.loss_target == 'v'
+            else x_loss(x_pred, x, t, **edge))
 
 
 def diffusion_loss(model, x, text, text_mask, gen, cfg, patch_size, tread=False, lpips_net=None,

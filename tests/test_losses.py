@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (LossConfig, diffusion_loss, shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
+from losses import (LossConfig, flow_loss, diffusion_loss, shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
                     load_repa_teacher, repa_loss)
 from text import drop_captions
 
@@ -68,6 +68,23 @@ def test_edge_weight_weighs_outline_errors_by_t():
     w = 1 + 8 * edge_map(x[1:])
     torch.testing.assert_close(half(flat), 3 * 0.1 ** 2 / 0.5 ** 2 / (3 * w.sum()))
 
+
+
+def test_edge_t_power_moves_the_edge_weight_toward_noise():
+    x = -torch.ones(1, 3, 16, 16)
+    x[:, 0, 4:10, 5:11] = 1
+    z = torch.zeros_like(x)
+    on_edge, flat = x.clone(), x.clone()
+    on_edge[:, :, 4, 7] += 0.1
+    flat[:, :, 14, 1] += 0.1
+    t = torch.tensor([0.25])
+    # t ** 0.5 = 0.5 at t = 0.25: an outline pixel weighs 1 + 16 * 0.5 = 9 flat ones (1 + 16 * 0.25 = 5 at power 1)
+    for power, ratio in ((0.5, 9.0), (1.0, 5.0)):
+        cfg = LossConfig(edge_weight=16.0, edge_t_power=power, v_clip=0.2)
+        torch.testing.assert_close(flow_loss(on_edge, x, z, t, cfg) / flow_loss(flat, x, z, t, cfg),
+                                   torch.tensor(ratio))
+    with pytest.raises(ValueError, match='edge_t_power=0'):
+        LossConfig(edge_t_power=0)
 
 def test_shift_t():
     t = torch.linspace(0, 1, 101)
