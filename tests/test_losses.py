@@ -45,14 +45,20 @@ def test_edge_map_marks_outlines_only():
     assert edge_map(torch.zeros(1, 3, 8, 8)).sum() == 0
 
 
-def test_edge_weight_weighs_outline_errors_by_t():
-    x = -torch.ones(2, 3, 16, 16)
+def outline_errors(n):
+    """n red squares on black, z = 0, and two predictions with the same error on the outline or on flat
+    background."""
+    x = -torch.ones(n, 3, 16, 16)
     x[:, 0, 4:10, 5:11] = 1
-    z = torch.zeros_like(x)
-    t = torch.tensor([0.0, 0.5])
     on_edge, flat = x.clone(), x.clone()
-    on_edge[:, :, 4, 7] += 0.1                        # the same error on the outline, or on flat background
+    on_edge[:, :, 4, 7] += 0.1
     flat[:, :, 14, 1] += 0.1
+    return x, torch.zeros_like(x), on_edge, flat
+
+
+def test_edge_weight_weighs_outline_errors_by_t():
+    x, z, on_edge, flat = outline_errors(2)
+    t = torch.tensor([0.0, 0.5])
     for pred in (on_edge, flat):                      # off: the plain velocity MSE
         torch.testing.assert_close(velocity_loss(pred, x, z, t, clip=0.2, edge_weight=0.0), velocity_loss(pred, x, z, t, 0.2))
     # at t = 0 (pure noise) the weight is 1 everywhere: both errors cost the same
@@ -69,14 +75,8 @@ def test_edge_weight_weighs_outline_errors_by_t():
     torch.testing.assert_close(half(flat), 3 * 0.1 ** 2 / 0.5 ** 2 / (3 * w.sum()))
 
 
-
 def test_edge_t_power_moves_the_edge_weight_toward_noise():
-    x = -torch.ones(1, 3, 16, 16)
-    x[:, 0, 4:10, 5:11] = 1
-    z = torch.zeros_like(x)
-    on_edge, flat = x.clone(), x.clone()
-    on_edge[:, :, 4, 7] += 0.1
-    flat[:, :, 14, 1] += 0.1
+    x, z, on_edge, flat = outline_errors(1)
     t = torch.tensor([0.25])
     # t ** 0.5 = 0.5 at t = 0.25: an outline pixel weighs 1 + 16 * 0.5 = 9 flat ones (1 + 16 * 0.25 = 5 at power 1)
     for power, ratio in ((0.5, 9.0), (1.0, 5.0)):
@@ -85,6 +85,7 @@ def test_edge_t_power_moves_the_edge_weight_toward_noise():
                                    torch.tensor(ratio))
     with pytest.raises(ValueError, match='edge_t_power=0'):
         LossConfig(edge_t_power=0)
+
 
 def test_shift_t():
     t = torch.linspace(0, 1, 101)
