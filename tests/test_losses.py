@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import (LossConfig, flow_loss, diffusion_loss, shift_t, sample_t, velocity_loss, x_loss, edge_map, load_lpips, lpips_loss, load_dino, dino_loss,
-                    load_repa_teacher, repa_loss)
+from losses import (LossConfig, flow_loss, diffusion_loss, shift_t, sample_t, velocity_loss, x_loss, edge_map,
+                    load_lpips, lpips_loss, load_dino, dino_loss, load_repa_teacher, repa_loss)
 from text import drop_captions
 
 # Random-weight nets with tiny dims: no downloads, and fast on two CPU cores.
