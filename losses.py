@@ -39,25 +39,27 @@ def t_density(t, mean, std, shift, uniform):
     return uniform + (1 - uniform) * f0 * shift / (shift - (shift - 1) * s1) ** 2   # times |ds0 / ds1|
 
 
-def edge_map(x):
+def edge_map(x, width=3):
     """(B, 1, H, W) in [0, 1]: how near each pixel is to an edge of the clean image x in [-1, 1], the largest
-    neighbour difference of any channel within one pixel, halved (a full black-white step is 2)."""
+    neighbour difference of any channel within a width x width square, halved (a full black-white step is 2).
+    width 1 is the two pixels beside each edge."""
     dh = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True)
     dw = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True)
     g = torch.maximum(F.pad(dh, (0, 0, 0, 1)), F.pad(dh, (0, 0, 1, 0)))
     g = torch.maximum(g, torch.maximum(F.pad(dw, (0, 1)), F.pad(dw, (1, 0))))
-    return (F.max_pool2d(g, 3, stride=1, padding=1) / 2).clamp(max=1)
+    return (F.max_pool2d(g, width, stride=1, padding=width // 2) / 2).clamp(max=1)
 
 
-def pixel_mean(err, x, t, edge_weight, sample_w=None, edge_t_power=1.0):
+def pixel_mean(err, x, t, edge_weight, sample_w=None, edge_t_power=1.0, edge_width=3):
     """The mean of the per-pixel errors err (B, C, H, W); with edge_weight > 0 a pixel at an edge of the clean
-    image weighs up to 1 + edge_weight * t ** edge_t_power (outlines are 4% of the shapes set's pixels). Zero
+    image weighs up to 1 + edge_weight * t ** edge_t_power (edge_map(x, edge_width): its 3-pixel outlines are 4%
+    of the shapes set's pixels). Zero
     at t = 0: at pure noise an outline cannot be known, and a weight there would pull the prediction toward
     outlines.
     sample_w (B,): each image's weight besides (t_importance)."""
     if edge_weight == 0 and sample_w is None:
         return err.mean()
-    w = (1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) ** edge_t_power * edge_map(x) if edge_weight
+    w = (1 + edge_weight * t.view(-1, 1, 1, 1).to(err.dtype) ** edge_t_power * edge_map(x, edge_width) if edge_weight
          else torch.ones_like(err[:, :1]))
     if sample_w is not None:
         w = w * sample_w.view(-1, 1, 1, 1).to(err.dtype)
@@ -67,15 +69,15 @@ def pixel_mean(err, x, t, edge_weight, sample_w=None, edge_t_power=1.0):
 V_CLIP = 0.05  # JiT: 1 - t is clipped at 0.05 where it divides, so the nearly clean end does not blow up
 
 
-def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0, sample_w=None, edge_t_power=1.0):
-    # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on the x error
+def velocity_loss(x_pred, x, z, t, clip=V_CLIP, edge_weight=0.0, **weights):
+    # the v error is the x error / (1 - t): a weight of up to 1 / clip^2 on the x error; weights: pixel_mean's
     d = (1 - t).clamp_min(clip).view(-1, 1, 1, 1)
-    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight, sample_w, edge_t_power)
+    return pixel_mean(((x_pred.float() - z) / d - (x - z) / d) ** 2, x, t, edge_weight, **weights)
 
 
-def x_loss(x_pred, x, t=None, edge_weight=0.0, sample_w=None, edge_t_power=1.0):
+def x_loss(x_pred, x, t=None, edge_weight=0.0, **weights):
     # the velocity loss times (1 - t)^2: the nearly clean samples (up to 400 in v) weigh as the noisy ones
-    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight, sample_w, edge_t_power)
+    return pixel_mean((x_pred.float() - x) ** 2, x, t, edge_weight, **weights)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class LossConfig:
     v_clip: float = V_CLIP       # the least 1 - t the velocity loss divides by
     edge_weight: float = 0.0     # pixels at the clean image's edges weigh up to 1 + edge_weight * t; 0 = off
     edge_t_power: float = 1.0    # ... * t ** edge_t_power: below 1, more of it at mid noise, where shapes form
+    edge_width: int = 3          # the edge band: pixels within a width x width square of an edge (odd; 1 = beside it)
     t_importance: bool = False   # t drawn uniformly, each image weighed by the t density above: same loss
     lpips_weight: float = 0.1
     dino_weight: float = 0.01
@@ -104,6 +107,9 @@ class LossConfig:
                           'loss divides by)')
         if self.edge_t_power <= 0:
             errors.append(f'edge_t_power={self.edge_t_power}, want > 0 (the edge weight grows as t ** power)')
+        if self.edge_width < 1 or self.edge_width % 2 == 0:
+            errors.append(f'edge_width={self.edge_width}, want an odd number >= 1 (the square around each edge '
+                          'pixel that the band covers)')
         if self.edge_weight < 0:
             errors.append(f'edge_weight={self.edge_weight}, want >= 0 (0 = off: every pixel weighs the same)')
         if errors:
@@ -116,7 +122,8 @@ class LossConfig:
 
 def flow_loss(x_pred, x, z, t, cfg, sample_w=None):
     """The denoising loss of cfg.loss_target: JiT's velocity loss, or the x loss."""
-    edge = dict(edge_weight=cfg.edge_weight, sample_w=sample_w, edge_t_power=cfg.edge_t_power)
+    edge = dict(edge_weight=cfg.edge_weight, sample_w=sample_w, edge_t_power=cfg.edge_t_power,
+                edge_width=cfg.edge_width)
     return (velocity_loss(x_pred, x, z, t, cfg.v_clip, **edge) if cfg.loss_target == 'v'
             else x_loss(x_pred, x, t, **edge))
 

@@ -42,6 +42,7 @@ pred = 'x'                # JiT: the network predicts the clean image, the loss 
 loss_target = 'v'
 v_clip = 0.05             # JiT: 1 - t clipped at 0.05 in the velocity loss
 edge_weight = 0.0         # every pixel weighs the same (LPIPS and DINOv2 look after structure here)
+edge_width = 3            # losses.LossConfig's value (no band at edge_weight 0)
 # TREAD: 50% of image tokens skip from block 2 to the penultimate block
 route_ratio = 0.5
 route_start = 2

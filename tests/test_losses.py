@@ -87,6 +87,22 @@ def test_edge_t_power_moves_the_edge_weight_toward_noise():
         LossConfig(edge_t_power=0)
 
 
+def test_edge_width_widens_the_band():
+    x, z, on_edge, flat = outline_errors(1)           # the square is rows 4-9: its top edge lies between rows 3 and 4
+    for width, rows in ((1, (3, 4)), (3, (2, 3, 4, 5)), (5, (1, 2, 3, 4, 5, 6))):
+        assert edge_map(x, width)[0, 0, :7, 7].nonzero().flatten().tolist() == list(rows)
+    # an error two pixels out weighs 1 + 16 * 0.5 = 9 flat ones inside a band of width 3, and 1 in a thinner one
+    two_out = x.clone()
+    two_out[:, :, 2, 7] += 0.1
+    t = torch.tensor([0.5])
+    for width, ratio in ((1, 1.0), (3, 9.0), (5, 9.0)):
+        cfg = LossConfig(edge_weight=16.0, edge_width=width, v_clip=0.2)
+        torch.testing.assert_close(flow_loss(two_out, x, z, t, cfg) / flow_loss(flat, x, z, t, cfg),
+                                   torch.tensor(ratio))
+    with pytest.raises(ValueError, match='edge_width=4, want an odd number'):
+        LossConfig(edge_width=4)
+
+
 def test_shift_t():
     t = torch.linspace(0, 1, 101)
     torch.testing.assert_close(shift_t(t, 1), t)

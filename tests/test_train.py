@@ -173,6 +173,7 @@ CONFIG_MISTAKES = [
     (['--text_window=4'], 'text_window=4, want 0 (off) or an odd number of words'),
     (['--v_clip=0'], 'v_clip=0, want 0 < v_clip <= 1'),
     (['--edge_weight=-1.0'], 'edge_weight=-1.0, want >= 0'),
+    (['--edge_width=0'], 'edge_width=0, want an odd number >= 1'),
     (['--text_encoder=google/t5gemma-2b-2b-ul2', '--text_cache=/no/such/cache'],
      "text_cache='/no/such/cache' holds no cache (no meta.json)"),
     (['--muon_ns_dtype=fp16'], "muon_ns_dtype='fp16', want one of ('default', 'auto', 'float32', 'bfloat16')"),
