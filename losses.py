@@ -52,10 +52,9 @@ def edge_map(x, width=3):
 
 def pixel_mean(err, x, t, edge_weight, sample_w=None, edge_t_power=1.0, edge_width=3):
     """The mean of the per-pixel errors err (B, C, H, W); with edge_weight > 0 a pixel at an edge of the clean
-    image weighs up to 1 + edge_weight * t ** edge_t_power (edge_map(x, edge_width): its 3-pixel outlines are 4%
-    of the shapes set's pixels). Zero
-    at t = 0: at pure noise an outline cannot be known, and a weight there would pull the prediction toward
-    outlines.
+    image weighs up to 1 + edge_weight * t ** edge_t_power (the band edge_map(x, edge_width): at width 3 it is 4%
+    of the shapes set's pixels). Zero at t = 0: at pure noise an outline cannot be known, and a weight there would
+    pull the prediction toward outlines.
     sample_w (B,): each image's weight besides (t_importance)."""
     if edge_weight == 0 and sample_w is None:
         return err.mean()
