@@ -17,4 +17,5 @@ text_len = 24             # the longest caption is 17 word pieces with [CLS] and
 image_size, patch_size = 32, 4   # 72px emoji at 32px: 8x8 = 64 tokens, the shapes default's cost a step
 time_budget = 1200.0      # 20 minutes in the loop
 sample_interval = 2000
-edge_weight, v_clip, edge_width = 96.0, 0.2, 3   # its results were measured with these (the shapes default's then)
+# its results were measured with these loss settings (the shapes default's then)
+edge_weight, v_clip, edge_width, t_uniform = 96.0, 0.2, 3, 0.5
